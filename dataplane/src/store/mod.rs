@@ -1,1 +1,307 @@
-//! store
+//! The chunk store: chunks keyed by (inode, index) on a formatted device.
+//!
+//! `format` lays out a device; `CoreStore` is what one dataplane core owns: its block
+//! device and the shards assigned to it. Every request is answered by a completion; a
+//! write's completion means the data and its index record are durable on the device.
+
+pub mod codec;
+pub mod format;
+pub mod index;
+pub mod shard;
+pub mod wal;
+
+use std::fmt;
+
+use serde::Serialize;
+use spool_hugepages::{DmaBuf, DmaPool, PagePolicy};
+
+use crate::device::{run_sync, BlockDevice, IoCompletion, IoKind, IoRequest};
+use crate::Error;
+pub use format::{Geometry, Superblock, BLOCK_SIZE, FORMAT_VERSION};
+pub use shard::Shard;
+
+/// A chunk: the `index`-th fixed-size piece of file `inode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ChunkId {
+    pub inode: u64,
+    pub index: u32,
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.inode, self.index)
+    }
+}
+
+impl ChunkId {
+    /// The shard a chunk lives in: a stable hash, so a file's chunks spread over shards
+    /// (and so over cores) and the mapping never changes for a formatted device.
+    pub fn shard(&self, shard_count: u32) -> u32 {
+        let mut h = self.inode.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(self.index).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        (h % u64::from(shard_count)) as u32
+    }
+}
+
+/// What a request does to a chunk. Offsets are multiples of `BLOCK_SIZE`; lengths are
+/// any size up to the chunk's end (a partial last block is zero-padded). Buffers hold at
+/// least the length rounded up to a block.
+#[derive(Debug)]
+pub enum ChunkOp {
+    /// Durable when acknowledged; the buffer comes back.
+    Write { chunk: ChunkId, offset: u32, len: u32, buf: DmaBuf },
+    /// Fills `len` bytes: data where written, zeros in holes and past the end.
+    Read { chunk: ChunkId, offset: u32, len: u32, buf: DmaBuf },
+    /// Drops blocks from `len` (a multiple of `BLOCK_SIZE`) on.
+    Truncate { chunk: ChunkId, len: u32 },
+    Delete { chunk: ChunkId },
+    /// Committed length and version.
+    Stat { chunk: ChunkId },
+}
+
+impl ChunkOp {
+    pub fn chunk(&self) -> ChunkId {
+        match self {
+            ChunkOp::Write { chunk, .. }
+            | ChunkOp::Read { chunk, .. }
+            | ChunkOp::Truncate { chunk, .. }
+            | ChunkOp::Delete { chunk }
+            | ChunkOp::Stat { chunk } => *chunk,
+        }
+    }
+    pub fn mutates(&self) -> bool {
+        !matches!(self, ChunkOp::Read { .. } | ChunkOp::Stat { .. })
+    }
+    pub fn into_buf(self) -> Option<DmaBuf> {
+        match self {
+            ChunkOp::Write { buf, .. } | ChunkOp::Read { buf, .. } => Some(buf),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ShardRequest {
+    pub tag: u64,
+    pub op: ChunkOp,
+}
+
+/// A chunk's committed length and version after the op (version 0: no such chunk).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ChunkInfo {
+    pub len: u32,
+    pub version: u64,
+}
+
+#[derive(Debug)]
+pub struct ShardCompletion {
+    pub tag: u64,
+    pub result: Result<ChunkInfo, Error>,
+    pub buf: Option<DmaBuf>,
+}
+
+/// Counters a shard keeps (read by the control plane, never on the hot path).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ShardStats {
+    pub chunks: u64,
+    pub extents: u64,
+    pub free_extents: u64,
+    pub generation: u64,
+    pub wal_used_bytes: u64,
+    pub wal_bytes: u64,
+    pub wal_batches: u64,
+    pub commits: u64,
+    pub flushes: u64,
+    pub snapshots: u64,
+    pub replayed_batches: u64,
+    pub cow_bytes: u64,
+    pub crc_errors: u64,
+    pub read_errors: u64,
+    pub write_errors: u64,
+    pub enospc: u64,
+    pub failed: bool,
+}
+
+/// Options for `format`.
+#[derive(Clone, Debug)]
+pub struct FormatOptions {
+    pub chunk_size: u32,
+    pub shards: u32,
+    /// 0 picks a default.
+    pub wal_size: u64,
+    /// Overwrite a device that holds a Spool or another filesystem.
+    pub force: bool,
+}
+
+fn one_block(len: usize) -> Result<DmaBuf, Error> {
+    let pool = DmaPool::new("format", len.div_ceil(4096) * 4096, 1, PagePolicy::Normal)?;
+    Ok(pool.alloc().expect("a fresh pool has a buffer"))
+}
+
+/// Reads and verifies the superblock.
+pub fn read_superblock(dev: &mut dyn BlockDevice) -> Result<Superblock, Error> {
+    let buf = one_block(format::SUPERBLOCK_SIZE)?;
+    let (r, buf) = run_sync(dev, IoRequest { tag: 0, kind: IoKind::Read, offset: 0, len: 4096, buf: Some(buf) });
+    r?;
+    let sb = Superblock::decode(buf.expect("read returns its buffer").as_slice())?;
+    if sb.geometry.device_size > dev.info().size_bytes {
+        return Err(Error::Corrupt {
+            what: "superblock",
+            detail: format!(
+                "formatted for {} bytes but the device has {}",
+                sb.geometry.device_size,
+                dev.info().size_bytes
+            ),
+        });
+    }
+    Ok(sb)
+}
+
+/// Lays out a fresh store. Refuses a device holding a Spool or a known filesystem
+/// unless `force`.
+pub fn format(dev: &mut dyn BlockDevice, opts: &FormatOptions) -> Result<Superblock, Error> {
+    let size = dev.info().size_bytes;
+    let geometry = Geometry::compute(size, opts.chunk_size, opts.shards, opts.wal_size)?;
+    if !opts.force {
+        let probe_len = (128u64 << 10).min(size / 4096 * 4096) as usize;
+        let buf = one_block(probe_len)?;
+        let (r, buf) = run_sync(dev, IoRequest { tag: 0, kind: IoKind::Read, offset: 0, len: probe_len as u32, buf: Some(buf) });
+        r?;
+        if let Some(what) = format::probe_signature(buf.expect("read returns its buffer").as_slice()) {
+            return Err(Error::Occupied(what.to_owned()));
+        }
+    }
+    let sb = Superblock {
+        version: FORMAT_VERSION,
+        uuid: *uuid::Uuid::new_v4().as_bytes(),
+        created_unix_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        geometry: geometry.clone(),
+    };
+    let write = |dev: &mut dyn BlockDevice, offset: u64, fill: &dyn Fn(&mut [u8])| -> Result<(), Error> {
+        let mut buf = one_block(4096)?;
+        buf.as_mut_slice().fill(0);
+        fill(buf.as_mut_slice());
+        run_sync(dev, IoRequest { tag: 0, kind: IoKind::Write, offset, len: 4096, buf: Some(buf) }).0
+    };
+    // Shards first, superblock last: a device is a Spool only once all of it is laid out.
+    for shard in 0..geometry.shard_count {
+        let empty = index::ShardIndex::new(shard, 2, geometry.chunk_size);
+        let mut image = Vec::new();
+        empty.encode_snapshot(1, &mut image);
+        // Generation g lives in slot g % 2: the empty generation 1 in slot 1.
+        write(dev, geometry.snapshot_slot(shard, 1), &|b| b[..image.len()].copy_from_slice(&image))?;
+        write(dev, geometry.snapshot_slot(shard, 0), &|_| {})?;
+        write(dev, geometry.wal_base(shard), &|_| {})?;
+    }
+    run_sync(dev, IoRequest { tag: 0, kind: IoKind::Flush, offset: 0, len: 0, buf: None }).0?;
+    write(dev, 0, &|b| sb.encode(b))?;
+    run_sync(dev, IoRequest { tag: 0, kind: IoKind::Flush, offset: 0, len: 0, buf: None }).0?;
+    Ok(sb)
+}
+
+/// Everything one dataplane core owns: its device queue and its shards.
+#[derive(Debug)]
+pub struct CoreStore {
+    dev: Box<dyn BlockDevice>,
+    geometry: Geometry,
+    shards: Vec<Shard>,
+    io_done: Vec<IoCompletion>,
+}
+
+impl CoreStore {
+    /// Opens (recovers) `shard_ids` on `dev`. The device's queue depth is split among
+    /// the shards so a shard's device submissions never find the queue full.
+    pub fn open(mut dev: Box<dyn BlockDevice>, geometry: &Geometry, shard_ids: &[u32]) -> Result<Self, Error> {
+        assert!(!shard_ids.is_empty(), "a core owns at least one shard");
+        let per_shard = dev.queue_depth_max() / shard_ids.len();
+        if per_shard <= shard::SHARD_EXTRA_IOS {
+            return Err(Error::BadRequest(format!(
+                "queue depth {} is too small for {} shard(s) on one core (need more than {} each)",
+                dev.queue_depth_max(),
+                shard_ids.len(),
+                shard::SHARD_EXTRA_IOS
+            )));
+        }
+        let slots = per_shard - shard::SHARD_EXTRA_IOS;
+        let mut shards = Vec::with_capacity(shard_ids.len());
+        for (local, &id) in shard_ids.iter().enumerate() {
+            assert!(id < geometry.shard_count, "shard {id} out of range");
+            shards.push(Shard::open(dev.as_mut(), geometry, id, local as u16, slots)?);
+        }
+        let io_done = Vec::with_capacity(dev.queue_depth_max());
+        Ok(CoreStore { dev, geometry: geometry.clone(), shards, io_done })
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+    pub fn device(&self) -> &dyn BlockDevice {
+        self.dev.as_ref()
+    }
+
+    /// Which of this core's shards (by position) holds `chunk`, if any.
+    pub fn local_shard(&self, chunk: &ChunkId) -> Option<usize> {
+        let id = chunk.shard(self.geometry.shard_count);
+        self.shards.iter().position(|s| s.id() == id)
+    }
+
+    /// Hands a request to its shard. Returns it when that shard has no free slot.
+    /// A chunk of a shard this core does not own is answered with an error.
+    pub fn submit(&mut self, req: ShardRequest, out: &mut Vec<ShardCompletion>) -> Result<(), ShardRequest> {
+        let Some(local) = self.local_shard(&req.op.chunk()) else {
+            let e = Error::BadRequest(format!("chunk {} is not on this core", req.op.chunk()));
+            out.push(ShardCompletion { tag: req.tag, result: Err(e), buf: req.op.into_buf() });
+            return Ok(());
+        };
+        self.shards[local].submit(req, out)
+    }
+
+    /// One turn of the loop: issue and reap device I/O, advance every shard. Returns
+    /// how much happened (0 means idle).
+    pub fn poll(&mut self, out: &mut Vec<ShardCompletion>) -> usize {
+        let before = out.len();
+        for s in &mut self.shards {
+            s.pump(self.dev.as_mut(), out);
+        }
+        let n = self.dev.poll(&mut self.io_done);
+        for c in self.io_done.drain(..) {
+            let local = shard::tag_shard(c.tag);
+            self.shards[local].on_io(self.dev.as_mut(), c, out);
+        }
+        if n > 0 {
+            for s in &mut self.shards {
+                s.pump(self.dev.as_mut(), out);
+            }
+        }
+        n + (out.len() - before)
+    }
+
+    /// Ops accepted and not yet completed, across shards.
+    pub fn busy(&self) -> usize {
+        self.shards.iter().map(Shard::busy).sum()
+    }
+
+    pub fn stats(&self) -> Vec<ShardStats> {
+        self.shards.iter().map(Shard::stats).collect()
+    }
+
+    /// Runs until every accepted op has completed (tools and tests).
+    pub fn drain(&mut self, out: &mut Vec<ShardCompletion>) {
+        let mut spins = 0u64;
+        while self.busy() > 0 {
+            if self.poll(out) == 0 {
+                spins += 1;
+                std::thread::yield_now();
+            }
+            assert!(spins < 100_000_000, "store made no progress");
+        }
+    }
+}

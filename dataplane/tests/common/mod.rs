@@ -1,0 +1,3 @@
+//! Shared test code: `mod common;` in a test file.
+
+pub mod conformance;

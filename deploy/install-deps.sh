@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# Installs what Spool's build, tests, benchmarks and quickstart need on Debian 12, and
+# checks the Rust toolchain. Idempotent: when every package is already installed it
+# does not touch apt at all, and it prints one line.
+#
+#   ./deploy/install-deps.sh          run it (as root when something must be installed)
+#   . ./deploy/install-deps.sh        source it: same, and cargo is then on PATH in the
+#                                     calling shell (run-tests.sh and quickstart.sh do this)
+#
+# Extra Debian packages for a one-off: SPOOL_EXTRA_PKGS="pkg1 pkg2" ./deploy/install-deps.sh
+#
+# It never downloads a toolchain: only Debian's archive and crates.io are used.
+set -euo pipefail
+
+# ---------------------------------------------------------------------------------------
+# Debian packages, one list per purpose. To add a dependency, put it in the list of the
+# purpose that needs it (or start a new list and add it to SPOOL_DEB_PKGS below).
+# ---------------------------------------------------------------------------------------
+
+# Compiling the workspace: C compiler for -sys crates, pkg-config + libhwloc-dev (hwloc2),
+# clang + libclang-dev (bindgen), libfuse3-dev (fuser).
+SPOOL_PKGS_BUILD=(build-essential pkg-config libhwloc-dev clang libclang-dev libfuse3-dev)
+
+# Running the tests: fuse3 (fusermount3, /dev/fuse use), util-linux (losetup for loop
+# devices), iproute2 (ip netns / veth for multi-node tests), jq (scripts read JSON).
+SPOOL_PKGS_TEST=(fuse3 util-linux iproute2 jq)
+
+# Benchmarks compare Spool to fio on the same device in the same run.
+SPOOL_PKGS_BENCH=(fio)
+
+# The quickstart scrapes the Prometheus endpoint with curl.
+SPOOL_PKGS_QUICKSTART=(curl ca-certificates)
+
+# Later issues add lists here, e.g.:
+#   SPOOL_PKGS_CLUSTER=(etcd-server)                     # membership tests
+#   SPOOL_PKGS_VMLAB=(qemu-system-x86 qemu-utils ...)    # NVMe/RDMA backends in a VM
+#   SPOOL_PKGS_BLOB=(...)                                 # blob tier tests (Azurite: npm)
+SPOOL_DEB_PKGS=(
+    "${SPOOL_PKGS_BUILD[@]}"
+    "${SPOOL_PKGS_TEST[@]}"
+    "${SPOOL_PKGS_BENCH[@]}"
+    "${SPOOL_PKGS_QUICKSTART[@]}"
+)
+
+# Oldest cargo accepted; the workspace's rust-version wins when it can be read.
+SPOOL_MIN_RUST="1.85"
+
+# ---------------------------------------------------------------------------------------
+
+spool_deps_say() { printf 'install-deps: %s\n' "$*" >&2; }
+
+spool_deps_die() {
+    printf '\ninstall-deps: ERROR: %s\n' "$1" >&2
+    shift
+    local line
+    for line in "$@"; do printf '  %s\n' "$line" >&2; done
+    printf '\n' >&2
+    exit 1
+}
+
+# Prints the packages of SPOOL_DEB_PKGS and SPOOL_EXTRA_PKGS that are not installed.
+spool_deps_missing() {
+    local pkg
+    local -a all=("${SPOOL_DEB_PKGS[@]}")
+    # shellcheck disable=SC2206 # word splitting of the extra list is intended
+    all+=(${SPOOL_EXTRA_PKGS:-})
+    for pkg in "${all[@]}"; do
+        if [[ "$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)" != installed ]]; then
+            printf '%s\n' "$pkg"
+        fi
+    done | sort -u
+}
+
+spool_deps_apt() {
+    local -a missing
+    mapfile -t missing < <(spool_deps_missing)
+    ((${#missing[@]} == 0)) && return 0
+
+    if ((EUID != 0)); then
+        spool_deps_die "these Debian packages are missing and installing them needs root: ${missing[*]}" \
+            "run: sudo ./deploy/install-deps.sh" \
+            "or:  sudo apt-get install ${missing[*]}"
+    fi
+    command -v apt-get >/dev/null ||
+        spool_deps_die "apt-get not found: Spool's scripts support Debian 12 (bookworm) only" \
+            "install by hand: ${missing[*]}"
+
+    spool_deps_say "installing ${#missing[@]} Debian package(s): ${missing[*]}"
+    local log
+    log="$(mktemp /tmp/spool-install-deps.XXXXXX.log)"
+    local -a apt=(apt-get -q -y -o DPkg::Lock::Timeout=300)
+    export DEBIAN_FRONTEND=noninteractive
+
+    # Always refresh the lists first: on a fresh machine they may be stale or absent. A
+    # failed update is not fatal by itself (old lists may still do); a failed install is.
+    local try ok=0
+    for try in 1 2 3; do
+        if "${apt[@]}" update >>"$log" 2>&1 </dev/null; then ok=1; break; fi
+        sleep $((try * 5))
+    done
+    ((ok)) || spool_deps_say "warning: apt-get update failed 3 times; trying the install with the lists we have"
+
+    ok=0
+    for try in 1 2; do
+        if "${apt[@]}" install --no-install-recommends "${missing[@]}" >>"$log" 2>&1 </dev/null; then ok=1; break; fi
+        sleep 5
+    done
+    if ((!ok)); then
+        printf '\n---- last 40 lines of %s ----\n' "$log" >&2
+        tail -n 40 "$log" >&2
+        spool_deps_die "apt-get install failed for: ${missing[*]}" \
+            "full log: $log" \
+            "check the Debian archive is reachable (apt-get update) and the package names exist (apt-cache policy NAME)"
+    fi
+
+    mapfile -t missing < <(spool_deps_missing)
+    ((${#missing[@]} == 0)) ||
+        spool_deps_die "apt-get reported success but these are still not installed: ${missing[*]}" "log: $log"
+    rm -f "$log"
+}
+
+# Puts cargo on PATH if it is installed but not there: `sudo` resets PATH to its
+# secure_path, which does not hold ~/.cargo/bin. Looks in $CARGO_HOME, $HOME, /root, and
+# the home of the user who ran sudo (then that user's CARGO_HOME/RUSTUP_HOME are used).
+spool_deps_find_cargo() {
+    command -v cargo >/dev/null && return 0
+    local dir home
+    for dir in "${CARGO_HOME:+$CARGO_HOME/bin}" "${HOME:+$HOME/.cargo/bin}" /root/.cargo/bin; do
+        if [[ -n "$dir" && -x "$dir/cargo" ]]; then
+            export PATH="$dir:$PATH"
+            return 0
+        fi
+    done
+    if [[ -n "${SUDO_USER:-}" ]]; then
+        home="$(getent passwd "$SUDO_USER" | cut -d: -f6 || true)"
+        if [[ -n "$home" && -x "$home/.cargo/bin/cargo" ]]; then
+            export PATH="$home/.cargo/bin:$PATH"
+            export CARGO_HOME="${CARGO_HOME:-$home/.cargo}"
+            [[ -d "$home/.rustup" ]] && export RUSTUP_HOME="${RUSTUP_HOME:-$home/.rustup}"
+            return 0
+        fi
+    fi
+    return 1
+}
+
+spool_deps_rust() {
+    local fix_toolchain="Install Rust >= $SPOOL_MIN_RUST with rustup (https://rustup.rs) as root, or put an existing
+  toolchain's bin directory on PATH. This script does not download toolchains."
+
+    spool_deps_find_cargo ||
+        spool_deps_die "cargo not found on PATH, in \$CARGO_HOME/bin, ~/.cargo/bin or /root/.cargo/bin" \
+            "$fix_toolchain"
+
+    local here root min
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    root="$(dirname "$here")"
+    min="$(sed -n 's/^rust-version *= *"\([0-9][0-9.]*\)".*/\1/p' "$root/Cargo.toml" 2>/dev/null | head -n1 || true)"
+    [[ -n "$min" ]] && SPOOL_MIN_RUST="$min"
+
+    local out
+    out="$(cargo --version 2>&1)" ||
+        spool_deps_die "'cargo --version' failed: $out" \
+            "if this is rustup without a default toolchain: rustup default stable (needs an installed toolchain)" \
+            "$fix_toolchain"
+    if [[ ! "$out" =~ ^cargo\ ([0-9]+)\.([0-9]+) ]]; then
+        spool_deps_die "cannot read the version from 'cargo --version': $out" "$fix_toolchain"
+    fi
+    local have_major="${BASH_REMATCH[1]}" have_minor="${BASH_REMATCH[2]}"
+    local need_major="${SPOOL_MIN_RUST%%.*}" need_minor="${SPOOL_MIN_RUST#*.}"
+    need_minor="${need_minor%%.*}"
+    if ((have_major < need_major || (have_major == need_major && have_minor < need_minor))); then
+        spool_deps_die "$(command -v cargo) is $have_major.$have_minor; Spool needs >= $SPOOL_MIN_RUST (workspace rust-version)" \
+            "with rustup and network access to its server: rustup update stable" \
+            "$fix_toolchain"
+    fi
+    SPOOL_CARGO_VERSION="$have_major.$have_minor"
+
+    if ! cargo nextest --version >/dev/null 2>&1; then
+        spool_deps_say "cargo-nextest not found; building it from crates.io (cargo install --locked cargo-nextest, several minutes)"
+        local log
+        log="$(mktemp /tmp/spool-install-nextest.XXXXXX.log)"
+        if ! cargo install --locked cargo-nextest </dev/null >"$log" 2>&1; then
+            printf '\n---- last 40 lines of %s ----\n' "$log" >&2
+            tail -n 40 "$log" >&2
+            spool_deps_die "cargo install --locked cargo-nextest failed" \
+                "full log: $log" \
+                "crates.io must be reachable; the build needs a C compiler (build-essential)"
+        fi
+        rm -f "$log"
+        cargo nextest --version >/dev/null 2>&1 ||
+            spool_deps_die "cargo-nextest was installed but 'cargo nextest' still does not run" \
+                "is $(dirname "$(command -v cargo)") (or \$CARGO_HOME/bin) on PATH?"
+    fi
+    SPOOL_NEXTEST_VERSION="$(cargo nextest --version 2>/dev/null | head -n1 | awk '{print $2}')"
+}
+
+spool_install_deps() {
+    spool_deps_apt
+    spool_deps_rust
+    spool_deps_say "ok: ${#SPOOL_DEB_PKGS[@]} Debian packages present, cargo $SPOOL_CARGO_VERSION, cargo-nextest $SPOOL_NEXTEST_VERSION"
+}
+
+spool_install_deps
