@@ -1,2 +1,11 @@
 //! Spool's control plane: configuration, the admin socket, metrics, the daemon.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod logging;
+pub mod metrics;
+pub mod shutdown;
+
+pub use error::Error;

@@ -5,7 +5,10 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("device {path}: {source}")]
-    Open { path: String, source: std::io::Error },
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("device I/O error (errno {errno}): {}", std::io::Error::from_raw_os_error(*.errno))]
     Io { errno: i32 },
     #[error("short device I/O: {done} of {expected} bytes")]
@@ -23,7 +26,12 @@ pub enum Error {
     #[error("corrupt {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
     #[error("checksum mismatch in chunk {chunk} block {block} (stored {stored:#010x}, computed {computed:#010x})")]
-    BadChecksum { chunk: String, block: u32, stored: u32, computed: u32 },
+    BadChecksum {
+        chunk: String,
+        block: u32,
+        stored: u32,
+        computed: u32,
+    },
     #[error("no space left on device shard {shard}")]
     NoSpace { shard: u32 },
     #[error("no such chunk {0}")]

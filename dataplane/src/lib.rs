@@ -7,7 +7,9 @@
 #![forbid(unsafe_code)]
 
 pub mod device;
+pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod store;
 
 pub use error::Error;

@@ -17,12 +17,35 @@ const DEVICE: u64 = 3 << 20;
 /// append into a hole (in place), a truncate, a delete, and a whole other chunk.
 fn alphabet() -> Vec<Op> {
     vec![
-        Op::Write { chunk: A, offset: 0, len: 2 * BLOCK_SIZE, fill: 1 },
-        Op::Write { chunk: A, offset: BLOCK_SIZE, len: BLOCK_SIZE, fill: 2 },
-        Op::Write { chunk: A, offset: 3 * BLOCK_SIZE, len: 100, fill: 3 },
-        Op::Truncate { chunk: A, len: BLOCK_SIZE },
+        Op::Write {
+            chunk: A,
+            offset: 0,
+            len: 2 * BLOCK_SIZE,
+            fill: 1,
+        },
+        Op::Write {
+            chunk: A,
+            offset: BLOCK_SIZE,
+            len: BLOCK_SIZE,
+            fill: 2,
+        },
+        Op::Write {
+            chunk: A,
+            offset: 3 * BLOCK_SIZE,
+            len: 100,
+            fill: 3,
+        },
+        Op::Truncate {
+            chunk: A,
+            len: BLOCK_SIZE,
+        },
         Op::Delete { chunk: A },
-        Op::Write { chunk: B, offset: 0, len: CHUNK, fill: 4 },
+        Op::Write {
+            chunk: B,
+            offset: 0,
+            len: CHUNK,
+            fill: 4,
+        },
     ]
 }
 
@@ -77,7 +100,11 @@ fn check_workload(base: &[u8], ops: &[Op]) -> usize {
     let (_, _, _, total) = run(base, ops, None);
     let mut checked = 0;
     for k in 1..=total {
-        for mode in [CrashMode::DropUnflushed, CrashMode::KeepUnflushed, CrashMode::Tear { seed: k }] {
+        for mode in [
+            CrashMode::DropUnflushed,
+            CrashMode::KeepUnflushed,
+            CrashMode::Tear { seed: k },
+        ] {
             let (acked, unknown, h, _) = run(base, ops, Some(k));
             let image = h.mem.crash_image(mode);
             drop(h);
@@ -86,16 +113,25 @@ fn check_workload(base: &[u8], ops: &[Op]) -> usize {
             let ok = r.matches(&acked, &universe);
             let ok = match (ok, &unknown) {
                 (Ok(()), _) => Ok(()),
-                (Err(e), Some(m)) => r.matches(m, &universe).map_err(|e2| format!("{e} / with the in-flight op: {e2}")),
+                (Err(e), Some(m)) => r
+                    .matches(m, &universe)
+                    .map_err(|e2| format!("{e} / with the in-flight op: {e2}")),
                 (Err(e), None) => Err(e),
             };
             if let Err(diff) = ok {
                 panic!("{ops:?} crash at write/flush {k} of {total} ({mode:?}): {diff}");
             }
             // The recovered store takes new writes and survives another restart.
-            let probe = Op::Write { chunk: B, offset: 2 * BLOCK_SIZE, len: 10, fill: 9 };
+            let probe = Op::Write {
+                chunk: B,
+                offset: 2 * BLOCK_SIZE,
+                len: 10,
+                fill: 9,
+            };
             r.run(&probe).expect("write after recovery");
-            let r = r.power_cycle(CrashMode::DropUnflushed).expect("second recovery");
+            let r = r
+                .power_cycle(CrashMode::DropUnflushed)
+                .expect("second recovery");
             drop(r);
             checked += 1;
         }
@@ -110,7 +146,10 @@ fn exhaustive(first: usize) {
     for w in &ws {
         points += check_workload(&base, w);
     }
-    println!("{} workloads starting with op {first}, {points} crash recoveries checked", ws.len());
+    println!(
+        "{} workloads starting with op {first}, {points} crash recoveries checked",
+        ws.len()
+    );
 }
 
 #[test]

@@ -39,7 +39,9 @@ fn step_strategy() -> impl Strategy<Value = Step> {
 }
 
 fn universe() -> Vec<ChunkId> {
-    (0u64..3).flat_map(|inode| (0u32..2).map(move |index| ChunkId { inode, index })).collect()
+    (0u64..3)
+        .flat_map(|inode| (0u32..2).map(move |index| ChunkId { inode, index }))
+        .collect()
 }
 
 proptest! {
@@ -95,12 +97,40 @@ fn overlapping_concurrent_writes_apply_in_arrival_order() {
     let mut h = Harness::open(MemDevice::from_image(image, 64).with_reorder(3)).unwrap();
     let c = ChunkId { inode: 1, index: 0 };
     let ops = vec![
-        Op::Write { chunk: c, offset: 0, len: 3 * BLOCK_SIZE, fill: 1 },
-        Op::Write { chunk: c, offset: BLOCK_SIZE, len: BLOCK_SIZE, fill: 2 },
-        Op::Write { chunk: c, offset: 8 * BLOCK_SIZE, len: 5, fill: 3 },
-        Op::Write { chunk: c, offset: 0, len: 10, fill: 4 },
-        Op::Truncate { chunk: c, len: 2 * BLOCK_SIZE },
-        Op::Write { chunk: c, offset: 4 * BLOCK_SIZE, len: BLOCK_SIZE, fill: 5 },
+        Op::Write {
+            chunk: c,
+            offset: 0,
+            len: 3 * BLOCK_SIZE,
+            fill: 1,
+        },
+        Op::Write {
+            chunk: c,
+            offset: BLOCK_SIZE,
+            len: BLOCK_SIZE,
+            fill: 2,
+        },
+        Op::Write {
+            chunk: c,
+            offset: 8 * BLOCK_SIZE,
+            len: 5,
+            fill: 3,
+        },
+        Op::Write {
+            chunk: c,
+            offset: 0,
+            len: 10,
+            fill: 4,
+        },
+        Op::Truncate {
+            chunk: c,
+            len: 2 * BLOCK_SIZE,
+        },
+        Op::Write {
+            chunk: c,
+            offset: 4 * BLOCK_SIZE,
+            len: BLOCK_SIZE,
+            fill: 5,
+        },
     ];
     let res = h.run_concurrent(&ops);
     let mut model = Model::default();

@@ -29,14 +29,27 @@ pub const BUF_ALIGN: usize = 4096;
 /// The one error type of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("dma pool '{name}': buffer size {buf_size} must be a non-zero multiple of {BUF_ALIGN}")]
+    #[error(
+        "dma pool '{name}': buffer size {buf_size} must be a non-zero multiple of {BUF_ALIGN}"
+    )]
     BadBufSize { name: String, buf_size: usize },
     #[error("dma pool '{name}': buffer count {count} must be between 1 and {max}")]
-    BadCount { name: String, count: usize, max: usize },
+    BadCount {
+        name: String,
+        count: usize,
+        max: usize,
+    },
     #[error("dma pool '{name}': mmap of {len} bytes failed: {source}")]
-    Map { name: String, len: usize, source: std::io::Error },
+    Map {
+        name: String,
+        len: usize,
+        source: std::io::Error,
+    },
     #[error("dma pool '{name}': hugepages required but unavailable ({source}); reserve them with `echo N > /proc/sys/vm/nr_hugepages`")]
-    HugepagesRequired { name: String, source: std::io::Error },
+    HugepagesRequired {
+        name: String,
+        source: std::io::Error,
+    },
 }
 
 /// Where the pool's memory comes from.
@@ -93,10 +106,17 @@ impl DmaPool {
         policy: PagePolicy,
     ) -> Result<Arc<Self>, Error> {
         if buf_size == 0 || buf_size % BUF_ALIGN != 0 {
-            return Err(Error::BadBufSize { name: name.to_owned(), buf_size });
+            return Err(Error::BadBufSize {
+                name: name.to_owned(),
+                buf_size,
+            });
         }
         if count == 0 || count > POOL_COUNT_MAX {
-            return Err(Error::BadCount { name: name.to_owned(), count, max: POOL_COUNT_MAX });
+            return Err(Error::BadCount {
+                name: name.to_owned(),
+                count,
+                max: POOL_COUNT_MAX,
+            });
         }
         let want = buf_size.checked_mul(count).ok_or_else(|| Error::BadCount {
             name: name.to_owned(),
@@ -113,7 +133,10 @@ impl DmaPool {
                 match map(name, len, true) {
                     Ok(p) => (p, len, true),
                     Err(Error::Map { source, .. }) if policy == PagePolicy::RequireHuge => {
-                        return Err(Error::HugepagesRequired { name: name.to_owned(), source })
+                        return Err(Error::HugepagesRequired {
+                            name: name.to_owned(),
+                            source,
+                        })
                     }
                     Err(Error::Map { source, .. }) => {
                         if !FALLBACK_WARNED.swap(true, Ordering::Relaxed) {
@@ -153,7 +176,11 @@ impl DmaPool {
     /// The buffer's contents are whatever its last user left (not zeroed).
     pub fn alloc(self: &Arc<Self>) -> Option<DmaBuf> {
         let index = self.free.pop()?;
-        Some(DmaBuf { pool: Arc::clone(self), index, len: self.buf_size })
+        Some(DmaBuf {
+            pool: Arc::clone(self),
+            index,
+            len: self.buf_size,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -178,7 +205,10 @@ impl DmaPool {
     /// The whole mapped region (for io_uring buffer registration, VFIO DMA mapping,
     /// RDMA memory registration). Valid for as long as the pool lives.
     pub fn region(&self) -> Region {
-        Region { addr: self.base.as_ptr() as usize, len: self.map_len }
+        Region {
+            addr: self.base.as_ptr() as usize,
+            len: self.map_len,
+        }
     }
 
     fn buf_ptr(&self, index: u32) -> *mut u8 {
@@ -221,7 +251,10 @@ impl DmaBuf {
     }
     /// Narrows or widens the visible length, up to the capacity.
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.pool.buf_size, "DmaBuf::set_len {len} beyond capacity");
+        assert!(
+            len <= self.pool.buf_size,
+            "DmaBuf::set_len {len} beyond capacity"
+        );
         self.len = len;
     }
     pub fn as_slice(&self) -> &[u8] {
@@ -267,10 +300,21 @@ fn map(name: &str, len: usize, huge: bool) -> Result<NonNull<u8>, Error> {
     // SAFETY: an anonymous private mapping with no fixed address has no preconditions;
     // the result is checked against MAP_FAILED before use.
     let p = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
     };
     if p == libc::MAP_FAILED {
-        return Err(Error::Map { name: name.to_owned(), len, source: std::io::Error::last_os_error() });
+        return Err(Error::Map {
+            name: name.to_owned(),
+            len,
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(NonNull::new(p.cast()).expect("mmap never returns null on success"))
 }
@@ -322,8 +366,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_geometry() {
-        assert!(matches!(DmaPool::new("t", 100, 1, PagePolicy::Normal), Err(Error::BadBufSize { .. })));
-        assert!(matches!(DmaPool::new("t", 4096, 0, PagePolicy::Normal), Err(Error::BadCount { .. })));
+        assert!(matches!(
+            DmaPool::new("t", 100, 1, PagePolicy::Normal),
+            Err(Error::BadBufSize { .. })
+        ));
+        assert!(matches!(
+            DmaPool::new("t", 4096, 0, PagePolicy::Normal),
+            Err(Error::BadCount { .. })
+        ));
     }
 
     #[test]

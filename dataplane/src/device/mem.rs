@@ -178,6 +178,18 @@ impl MemDevice {
         self
     }
 
+    /// Another queue to the same device, for a second dataplane core.
+    pub fn another_queue(&self) -> MemDevice {
+        MemDevice {
+            info: self.info.clone(),
+            state: self.state.clone(),
+            queued: VecDeque::with_capacity(self.queue_depth_max),
+            in_flight: 0,
+            queue_depth_max: self.queue_depth_max,
+            reorder: None,
+        }
+    }
+
     pub fn handle(&self) -> MemHandle {
         self.state.clone()
     }
@@ -212,9 +224,16 @@ impl MemDevice {
         match req.kind {
             IoKind::Write => {
                 let (off, len) = (req.offset as usize, req.len as usize);
-                let data = &req.buf.as_ref().expect("validated: write has a buffer").as_slice()[..len];
+                let data = &req
+                    .buf
+                    .as_ref()
+                    .expect("validated: write has a buffer")
+                    .as_slice()[..len];
                 st.current[off..off + len].copy_from_slice(data);
-                st.unflushed.push(Unflushed { offset: off, data: data.to_vec() });
+                st.unflushed.push(Unflushed {
+                    offset: off,
+                    data: data.to_vec(),
+                });
             }
             IoKind::Flush => {
                 for w in std::mem::take(&mut st.unflushed) {
@@ -260,7 +279,11 @@ impl BlockDevice for MemDevice {
         let mut st = self.state.lock();
         for mut req in batch {
             let result = Self::execute(&mut st, &mut req);
-            done.push(IoCompletion { tag: req.tag, result, buf: req.buf });
+            done.push(IoCompletion {
+                tag: req.tag,
+                result,
+                buf: req.buf,
+            });
         }
         self.in_flight -= n;
         n
@@ -276,7 +299,16 @@ mod tests {
     fn write(dev: &mut MemDevice, pool: &Arc<spool_hugepages::DmaPool>, off: u64, byte: u8) {
         let mut b = pool.alloc().unwrap();
         b.as_mut_slice().fill(byte);
-        let (r, _) = run_sync(dev, IoRequest { tag: 1, kind: IoKind::Write, offset: off, len: 4096, buf: Some(b) });
+        let (r, _) = run_sync(
+            dev,
+            IoRequest {
+                tag: 1,
+                kind: IoKind::Write,
+                offset: off,
+                len: 4096,
+                buf: Some(b),
+            },
+        );
         r.unwrap();
     }
 
@@ -286,7 +318,18 @@ mod tests {
         let mut dev = MemDevice::new(16384, 8);
         let h = dev.handle();
         write(&mut dev, &pool, 0, 1);
-        run_sync(&mut dev, IoRequest { tag: 2, kind: IoKind::Flush, offset: 0, len: 0, buf: None }).0.unwrap();
+        run_sync(
+            &mut dev,
+            IoRequest {
+                tag: 2,
+                kind: IoKind::Flush,
+                offset: 0,
+                len: 0,
+                buf: None,
+            },
+        )
+        .0
+        .unwrap();
         write(&mut dev, &pool, 4096, 2);
         let img = h.crash_image(CrashMode::DropUnflushed);
         assert!(img[..4096].iter().all(|&b| b == 1));
@@ -295,7 +338,10 @@ mod tests {
         assert!(img[4096..8192].iter().all(|&b| b == 2));
         let img = h.crash_image(CrashMode::Tear { seed: 7 });
         let kept = img[4096..8192].chunks(SECTOR).filter(|s| s[0] == 2).count();
-        assert!(kept > 0 && kept < 8, "a torn write keeps some sectors ({kept})");
+        assert!(
+            kept > 0 && kept < 8,
+            "a torn write keeps some sectors ({kept})"
+        );
     }
 
     #[test]
@@ -307,7 +353,16 @@ mod tests {
         write(&mut dev, &pool, 0, 1);
         let mut b = pool.alloc().unwrap();
         b.as_mut_slice().fill(3);
-        let (r, _) = run_sync(&mut dev, IoRequest { tag: 1, kind: IoKind::Write, offset: 0, len: 4096, buf: Some(b) });
+        let (r, _) = run_sync(
+            &mut dev,
+            IoRequest {
+                tag: 1,
+                kind: IoKind::Write,
+                offset: 0,
+                len: 4096,
+                buf: Some(b),
+            },
+        );
         assert!(matches!(r, Err(Error::Io { errno: 5 })));
         assert!(h.is_dead());
         assert!(h.current_image()[..4096].iter().all(|&b| b == 1));
@@ -317,7 +372,13 @@ mod tests {
     fn rejects_bad_requests_without_panicking() {
         let pool = DmaPool::new("t", 4096, 4, PagePolicy::Normal).unwrap();
         let mut dev = MemDevice::new(16384, 1);
-        let req = |off, len, buf| IoRequest { tag: 0, kind: IoKind::Write, offset: off, len, buf };
+        let req = |off, len, buf| IoRequest {
+            tag: 0,
+            kind: IoKind::Write,
+            offset: off,
+            len,
+            buf,
+        };
         assert!(dev.submit(req(1, 4096, pool.alloc())).is_err());
         assert!(dev.submit(req(0, 8192, pool.alloc())).is_err());
         assert!(dev.submit(req(16384, 4096, pool.alloc())).is_err());

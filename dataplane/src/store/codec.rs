@@ -21,7 +21,10 @@ impl<'a> Writer<'a> {
         self.buf.len() - self.pos
     }
     pub fn bytes(&mut self, b: &[u8]) {
-        assert!(b.len() <= self.remaining(), "encoder overflow: caller must size the buffer");
+        assert!(
+            b.len() <= self.remaining(),
+            "encoder overflow: caller must size the buffer"
+        );
         self.buf[self.pos..self.pos + b.len()].copy_from_slice(b);
         self.pos += b.len();
     }
@@ -55,7 +58,10 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
     pub fn corrupt(&self, detail: impl Into<String>) -> Error {
-        Error::Corrupt { what: self.what, detail: detail.into() }
+        Error::Corrupt {
+            what: self.what,
+            detail: detail.into(),
+        }
     }
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], Error> {
         if n > self.remaining() {
@@ -73,10 +79,14 @@ impl<'a> Reader<'a> {
         Ok(self.bytes(1)?[0])
     }
     pub fn u32(&mut self) -> Result<u32, Error> {
-        Ok(u32::from_le_bytes(self.bytes(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.bytes(4)?.try_into().expect("4 bytes"),
+        ))
     }
     pub fn u64(&mut self) -> Result<u64, Error> {
-        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.bytes(8)?.try_into().expect("8 bytes"),
+        ))
     }
 }
 

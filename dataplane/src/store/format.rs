@@ -43,17 +43,27 @@ pub struct Geometry {
 
 impl Geometry {
     /// Lays out a device of `device_size` bytes. `wal_size` 0 picks a default.
-    pub fn compute(device_size: u64, chunk_size: u32, shard_count: u32, wal_size: u64) -> Result<Self, Error> {
+    pub fn compute(
+        device_size: u64,
+        chunk_size: u32,
+        shard_count: u32,
+        wal_size: u64,
+    ) -> Result<Self, Error> {
         let bad = |m: String| Error::BadRequest(m);
-        if !chunk_size.is_power_of_two() || !(CHUNK_SIZE_MIN..=CHUNK_SIZE_MAX).contains(&chunk_size) {
+        if !chunk_size.is_power_of_two() || !(CHUNK_SIZE_MIN..=CHUNK_SIZE_MAX).contains(&chunk_size)
+        {
             return Err(bad(format!(
                 "chunk size {chunk_size} must be a power of two between {CHUNK_SIZE_MIN} and {CHUNK_SIZE_MAX}"
             )));
         }
         if shard_count == 0 || shard_count > SHARDS_MAX {
-            return Err(bad(format!("shard count {shard_count} must be between 1 and {SHARDS_MAX}")));
+            return Err(bad(format!(
+                "shard count {shard_count} must be between 1 and {SHARDS_MAX}"
+            )));
         }
-        let shard_size = device_size.saturating_sub(DATA_START) / u64::from(shard_count) / AREA_ALIGN * AREA_ALIGN;
+        let shard_size =
+            device_size.saturating_sub(DATA_START) / u64::from(shard_count) / AREA_ALIGN
+                * AREA_ALIGN;
         let wal_size = if wal_size == 0 {
             // 1/256 of the shard, at least 1 MiB, at most 64 MiB: the WAL only holds
             // records since the last snapshot.
@@ -72,7 +82,8 @@ impl Geometry {
                  (each shard needs room for metadata of {fixed} bytes and at least 2 chunks)"
             )));
         }
-        let extents = u32::try_from(extents).map_err(|_| bad("too many chunks per shard; use more shards".into()))?;
+        let extents = u32::try_from(extents)
+            .map_err(|_| bad("too many chunks per shard; use more shards".into()))?;
         let g = Geometry {
             device_size,
             chunk_size,
@@ -88,17 +99,52 @@ impl Geometry {
 
     /// The invariants a geometry read from a device must satisfy.
     pub fn check(&self) -> Result<(), Error> {
-        let c = |ok: bool, m: &str| if ok { Ok(()) } else { Err(Error::Corrupt { what: "superblock geometry", detail: m.into() }) };
-        c(self.chunk_size.is_power_of_two() && (CHUNK_SIZE_MIN..=CHUNK_SIZE_MAX).contains(&self.chunk_size), "chunk size")?;
-        c(self.shard_count >= 1 && self.shard_count <= SHARDS_MAX, "shard count")?;
-        c(self.shard_size % AREA_ALIGN == 0 && self.wal_size % AREA_ALIGN == 0 && self.snapshot_slot_size % AREA_ALIGN == 0, "alignment")?;
+        let c = |ok: bool, m: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::Corrupt {
+                    what: "superblock geometry",
+                    detail: m.into(),
+                })
+            }
+        };
+        c(
+            self.chunk_size.is_power_of_two()
+                && (CHUNK_SIZE_MIN..=CHUNK_SIZE_MAX).contains(&self.chunk_size),
+            "chunk size",
+        )?;
+        c(
+            self.shard_count >= 1 && self.shard_count <= SHARDS_MAX,
+            "shard count",
+        )?;
+        c(
+            self.shard_size % AREA_ALIGN == 0
+                && self.wal_size % AREA_ALIGN == 0
+                && self.snapshot_slot_size % AREA_ALIGN == 0,
+            "alignment",
+        )?;
         c(self.wal_size >= WAL_SIZE_MIN, "wal size")?;
         c(self.extents_per_shard >= 2, "extent count")?;
-        c(self.snapshot_slot_size >= snapshot_slot_size(u64::from(self.extents_per_shard), self.chunk_size), "snapshot slot too small")?;
-        let used = self.extents_base(0).checked_add(u64::from(self.extents_per_shard) * u64::from(self.chunk_size));
-        c(used.is_some_and(|u| u <= DATA_START + self.shard_size), "extents overflow the shard")?;
-        let end = u64::from(self.shard_count).checked_mul(self.shard_size).and_then(|s| s.checked_add(DATA_START));
-        c(end.is_some_and(|e| e <= self.device_size), "shards overflow the device")?;
+        c(
+            self.snapshot_slot_size
+                >= snapshot_slot_size(u64::from(self.extents_per_shard), self.chunk_size),
+            "snapshot slot too small",
+        )?;
+        let used = self
+            .extents_base(0)
+            .checked_add(u64::from(self.extents_per_shard) * u64::from(self.chunk_size));
+        c(
+            used.is_some_and(|u| u <= DATA_START + self.shard_size),
+            "extents overflow the shard",
+        )?;
+        let end = u64::from(self.shard_count)
+            .checked_mul(self.shard_size)
+            .and_then(|s| s.checked_add(DATA_START));
+        c(
+            end.is_some_and(|e| e <= self.device_size),
+            "shards overflow the device",
+        )?;
         Ok(())
     }
 
@@ -118,7 +164,10 @@ impl Geometry {
         self.wal_base(shard) + self.wal_size
     }
     pub fn extent_offset(&self, shard: u32, extent: u32) -> u64 {
-        assert!(extent < self.extents_per_shard, "extent {extent} out of range");
+        assert!(
+            extent < self.extents_per_shard,
+            "extent {extent} out of range"
+        );
         self.extents_base(shard) + u64::from(extent) * u64::from(self.chunk_size)
     }
     /// Bytes of chunk data the whole device holds.
@@ -170,7 +219,10 @@ impl Superblock {
     /// or an impossible geometry are errors that say which.
     pub fn decode(buf: &[u8]) -> Result<Self, Error> {
         if buf.len() < SUPERBLOCK_SIZE {
-            return Err(Error::Corrupt { what: "superblock", detail: format!("{} bytes, need {SUPERBLOCK_SIZE}", buf.len()) });
+            return Err(Error::Corrupt {
+                what: "superblock",
+                detail: format!("{} bytes, need {SUPERBLOCK_SIZE}", buf.len()),
+            });
         }
         let buf = &buf[..SUPERBLOCK_SIZE];
         if &buf[..8] != MAGIC {
@@ -183,12 +235,17 @@ impl Superblock {
         r.bytes(8)?;
         let version = r.u32()?;
         if version > FORMAT_VERSION {
-            return Err(Error::FutureVersion { found: version, supported: FORMAT_VERSION });
+            return Err(Error::FutureVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
         }
         let stored = u32::from_le_bytes(buf[SUPERBLOCK_SIZE - 4..].try_into().expect("4 bytes"));
         let computed = crc(&buf[..SUPERBLOCK_SIZE - 4]);
         if stored != computed {
-            return Err(r.corrupt(format!("checksum {stored:#010x} != computed {computed:#010x}")));
+            return Err(r.corrupt(format!(
+                "checksum {stored:#010x} != computed {computed:#010x}"
+            )));
         }
         if version == 0 {
             return Err(r.corrupt("format version 0"));
@@ -210,14 +267,21 @@ impl Superblock {
             extents_per_shard: r.u32()?,
         };
         geometry.check()?;
-        Ok(Superblock { version, uuid, created_unix_s, geometry })
+        Ok(Superblock {
+            version,
+            uuid,
+            created_unix_s,
+            geometry,
+        })
     }
 }
 
 /// Recognizes what else may be on a device, so `spool format` does not destroy it.
 /// `head` is the first 64 KiB or more of the device (shorter input checks less).
 pub fn probe_signature(head: &[u8]) -> Option<&'static str> {
-    let at = |off: usize, sig: &[u8]| head.len() >= off + sig.len() && &head[off..off + sig.len()] == sig;
+    let at = |off: usize, sig: &[u8]| {
+        head.len() >= off + sig.len() && &head[off..off + sig.len()] == sig
+    };
     if at(0, MAGIC) {
         return Some("a Spool device");
     }
@@ -266,7 +330,12 @@ mod tests {
 
     #[test]
     fn geometry_fits_and_is_aligned() {
-        for (size, cs, shards) in [(64u64 << 20, 64u32 << 10, 1u32), (1 << 30, 4 << 20, 2), (100 << 30, 4 << 20, 8), (8 << 30, 1 << 20, 3)] {
+        for (size, cs, shards) in [
+            (64u64 << 20, 64u32 << 10, 1u32),
+            (1 << 30, 4 << 20, 2),
+            (100 << 30, 4 << 20, 8),
+            (8 << 30, 1 << 20, 3),
+        ] {
             let g = Geometry::compute(size, cs, shards, 0).unwrap();
             g.check().unwrap();
             let last = g.extent_offset(shards - 1, g.extents_per_shard - 1) + u64::from(cs);
@@ -285,11 +354,20 @@ mod tests {
         assert_eq!(Superblock::decode(&buf).unwrap(), sb());
         let mut bad = buf.clone();
         bad[100] ^= 1;
-        assert!(matches!(Superblock::decode(&bad), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            Superblock::decode(&bad),
+            Err(Error::Corrupt { .. })
+        ));
         let mut future = buf.clone();
         future[8..12].copy_from_slice(&99u32.to_le_bytes());
-        assert!(matches!(Superblock::decode(&future), Err(Error::FutureVersion { found: 99, .. })));
-        assert!(matches!(Superblock::decode(&[0u8; 4096]), Err(Error::NotSpool(_))));
+        assert!(matches!(
+            Superblock::decode(&future),
+            Err(Error::FutureVersion { found: 99, .. })
+        ));
+        assert!(matches!(
+            Superblock::decode(&[0u8; 4096]),
+            Err(Error::NotSpool(_))
+        ));
         assert!(Superblock::decode(&buf[..100]).is_err());
     }
 

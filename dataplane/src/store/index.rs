@@ -119,14 +119,22 @@ impl ShardIndex {
     }
     fn copy_row(&mut self, from: u32, to: u32) {
         let (w, bpc) = (self.words_per_extent, self.blocks_per_chunk as usize);
-        self.present.copy_within(from as usize * w..(from as usize + 1) * w, to as usize * w);
-        self.crcs.copy_within(from as usize * bpc..(from as usize + 1) * bpc, to as usize * bpc);
+        self.present
+            .copy_within(from as usize * w..(from as usize + 1) * w, to as usize * w);
+        self.crcs.copy_within(
+            from as usize * bpc..(from as usize + 1) * bpc,
+            to as usize * bpc,
+        );
     }
 
     /// Takes a free extent for an in-flight write (`None`: the shard is full).
     pub fn reserve_extent(&mut self) -> Option<u32> {
         let e = self.free.pop()?;
-        assert_eq!(self.state[e as usize], ExtentState::Free, "free list holds free extents");
+        assert_eq!(
+            self.state[e as usize],
+            ExtentState::Free,
+            "free list holds free extents"
+        );
         self.state[e as usize] = ExtentState::Reserved;
         self.clear_row(e);
         Some(e)
@@ -136,7 +144,10 @@ impl ShardIndex {
     /// deleted chunk). It stays retired while reads of it are in flight.
     pub fn release_extent(&mut self, e: u32) {
         let s = &mut self.state[e as usize];
-        assert!(matches!(*s, ExtentState::Reserved | ExtentState::Used), "release of a {s:?} extent");
+        assert!(
+            matches!(*s, ExtentState::Reserved | ExtentState::Used),
+            "release of a {s:?} extent"
+        );
         if self.readers[e as usize] > 0 {
             *s = ExtentState::Retired;
         } else {
@@ -163,14 +174,29 @@ impl ShardIndex {
 
     /// Creates the uncommitted entry that holds a new chunk's reserved extent.
     pub fn insert_pending(&mut self, chunk: ChunkId, extent: u32) {
-        assert_eq!(self.state[extent as usize], ExtentState::Reserved, "pending chunk needs a reserved extent");
-        let old = self.map.insert(chunk, ChunkMeta { extent, len: 0, version: 0, issued_len: 0, issued_version: 0 });
+        assert_eq!(
+            self.state[extent as usize],
+            ExtentState::Reserved,
+            "pending chunk needs a reserved extent"
+        );
+        let old = self.map.insert(
+            chunk,
+            ChunkMeta {
+                extent,
+                len: 0,
+                version: 0,
+                issued_len: 0,
+                issued_version: 0,
+            },
+        );
         assert!(old.is_none(), "insert_pending over an existing chunk");
     }
 
     /// Drops an entry no write ever committed to, freeing its extent.
     pub fn remove_pending(&mut self, chunk: &ChunkId) {
-        let Some(m) = self.map.get(chunk).copied() else { return };
+        let Some(m) = self.map.get(chunk).copied() else {
+            return;
+        };
         assert_eq!(m.version, 0, "remove_pending on a committed chunk");
         if m.issued_version == 0 {
             self.map.remove(chunk);
@@ -179,7 +205,10 @@ impl ShardIndex {
     }
 
     fn corrupt(&self, detail: String) -> Error {
-        Error::Corrupt { what: "chunk index record", detail: format!("shard {}: {detail}", self.shard) }
+        Error::Corrupt {
+            what: "chunk index record",
+            detail: format!("shard {}: {detail}", self.shard),
+        }
     }
 
     /// Applies one committed change. Replay passes records read from the device; the
@@ -187,9 +216,20 @@ impl ShardIndex {
     pub fn apply(&mut self, rec: &Record<'_>) -> Result<(), Error> {
         let chunk_size = self.blocks_per_chunk * BLOCK_SIZE;
         match *rec {
-            Record::Write { chunk, extent, version, len, first, crcs } => {
+            Record::Write {
+                chunk,
+                extent,
+                version,
+                len,
+                first,
+                crcs,
+            } => {
                 let n = crcs.len() as u64;
-                if extent >= self.extents || len > chunk_size || u64::from(first) + n > u64::from(self.blocks_per_chunk) || n == 0 {
+                if extent >= self.extents
+                    || len > chunk_size
+                    || u64::from(first) + n > u64::from(self.blocks_per_chunk)
+                    || n == 0
+                {
                     return Err(self.corrupt(format!(
                         "write {chunk} extent {extent} len {len} blocks {first}+{n} outside the geometry"
                     )));
@@ -197,14 +237,19 @@ impl ShardIndex {
                 let fresh = |s: ExtentState| matches!(s, ExtentState::Free | ExtentState::Reserved);
                 match self.map.get(&chunk).copied() {
                     Some(m) if version <= m.version => {
-                        return Err(self.corrupt(format!("write {chunk} version {version} not after {}", m.version)))
+                        return Err(self.corrupt(format!(
+                            "write {chunk} version {version} not after {}",
+                            m.version
+                        )))
                     }
                     Some(m) if m.extent == extent => {}
                     Some(m) => {
                         // Copy-on-write: the chunk moved to a fresh extent holding a copy
                         // of its other blocks.
                         if !fresh(self.state[extent as usize]) {
-                            return Err(self.corrupt(format!("write {chunk} moves into extent {extent} in use")));
+                            return Err(self.corrupt(format!(
+                                "write {chunk} moves into extent {extent} in use"
+                            )));
                         }
                         self.take_extent(extent);
                         self.copy_row(m.extent, extent);
@@ -212,7 +257,8 @@ impl ShardIndex {
                     }
                     None => {
                         if !fresh(self.state[extent as usize]) {
-                            return Err(self.corrupt(format!("new chunk {chunk} in extent {extent} in use")));
+                            return Err(self
+                                .corrupt(format!("new chunk {chunk} in extent {extent} in use")));
                         }
                         self.take_extent(extent);
                         self.clear_row(extent);
@@ -222,19 +268,31 @@ impl ShardIndex {
                     self.set_block(extent, first + i as u32, crcs.get(i));
                 }
                 self.state[extent as usize] = ExtentState::Used;
-                let m = self.map.entry(chunk).or_insert(ChunkMeta { extent, len: 0, version: 0, issued_len: 0, issued_version: 0 });
+                let m = self.map.entry(chunk).or_insert(ChunkMeta {
+                    extent,
+                    len: 0,
+                    version: 0,
+                    issued_len: 0,
+                    issued_version: 0,
+                });
                 m.extent = extent;
                 m.len = len;
                 m.version = version;
                 m.issued_len = m.issued_len.max(len);
                 m.issued_version = m.issued_version.max(version);
             }
-            Record::Truncate { chunk, version, len } => {
+            Record::Truncate {
+                chunk,
+                version,
+                len,
+            } => {
                 let Some(m) = self.map.get(&chunk).copied().filter(|m| m.version > 0) else {
                     return Err(self.corrupt(format!("truncate of unknown chunk {chunk}")));
                 };
                 if version <= m.version || len > chunk_size || len % BLOCK_SIZE != 0 {
-                    return Err(self.corrupt(format!("truncate {chunk} version {version} len {len} invalid")));
+                    return Err(self.corrupt(format!(
+                        "truncate {chunk} version {version} len {len} invalid"
+                    )));
                 }
                 let from = (len / BLOCK_SIZE) as usize;
                 let base = m.extent as usize * self.words_per_extent;
@@ -244,7 +302,11 @@ impl ShardIndex {
                 let e = self.map.get_mut(&chunk).expect("checked above");
                 e.len = len;
                 e.version = version;
-                e.issued_len = if e.issued_version <= version { len } else { e.issued_len };
+                e.issued_len = if e.issued_version <= version {
+                    len
+                } else {
+                    e.issued_len
+                };
                 e.issued_version = e.issued_version.max(version);
             }
             Record::Delete { chunk, version } => {
@@ -252,7 +314,10 @@ impl ShardIndex {
                     return Err(self.corrupt(format!("delete of unknown chunk {chunk}")));
                 };
                 if version <= m.version {
-                    return Err(self.corrupt(format!("delete {chunk} version {version} not after {}", m.version)));
+                    return Err(self.corrupt(format!(
+                        "delete {chunk} version {version} not after {}",
+                        m.version
+                    )));
                 }
                 self.map.remove(&chunk);
                 self.release_extent(m.extent);
@@ -265,7 +330,11 @@ impl ShardIndex {
     /// takes extents straight from records; the live path reserved them already).
     fn take_extent(&mut self, e: u32) {
         if self.state[e as usize] == ExtentState::Free {
-            let pos = self.free.iter().rposition(|&x| x == e).expect("free extent is on the free list");
+            let pos = self
+                .free
+                .iter()
+                .rposition(|&x| x == e)
+                .expect("free extent is on the free list");
             self.free.swap_remove(pos);
             self.state[e as usize] = ExtentState::Reserved;
         }
@@ -346,7 +415,9 @@ impl ShardIndex {
         let body = usize::try_from(body_len)
             .ok()
             .and_then(|l| buf.get(SNAP_HEADER_SIZE..SNAP_HEADER_SIZE + l))
-            .ok_or_else(|| self.corrupt(format!("snapshot body of {body_len} bytes beyond its slot")))?;
+            .ok_or_else(|| {
+                self.corrupt(format!("snapshot body of {body_len} bytes beyond its slot"))
+            })?;
         if crc(body) != body_crc {
             return Err(self.corrupt("snapshot body checksum mismatch".into()));
         }
@@ -354,16 +425,27 @@ impl ShardIndex {
         let mut r = Reader::new(body, "snapshot entry");
         let mut crcs = vec![0u32; self.blocks_per_chunk as usize];
         for _ in 0..count {
-            let chunk = ChunkId { inode: r.u64()?, index: r.u32()? };
+            let chunk = ChunkId {
+                inode: r.u64()?,
+                index: r.u32()?,
+            };
             let extent = r.u32()?;
             let len = r.u32()?;
             let version = r.u64()?;
             let bitmap = r.bytes(bitmap_bytes)?;
-            if extent >= self.extents || self.state[extent as usize] != ExtentState::Free || version == 0 || self.map.contains_key(&chunk) {
-                return Err(self.corrupt(format!("snapshot entry {chunk} extent {extent} version {version} invalid or duplicate")));
+            if extent >= self.extents
+                || self.state[extent as usize] != ExtentState::Free
+                || version == 0
+                || self.map.contains_key(&chunk)
+            {
+                return Err(self.corrupt(format!(
+                    "snapshot entry {chunk} extent {extent} version {version} invalid or duplicate"
+                )));
             }
             if len > self.blocks_per_chunk * BLOCK_SIZE {
-                return Err(self.corrupt(format!("snapshot entry {chunk} len {len} beyond chunk size")));
+                return Err(self.corrupt(format!(
+                    "snapshot entry {chunk} len {len} beyond chunk size"
+                )));
             }
             self.take_extent(extent);
             self.clear_row(extent);
@@ -374,7 +456,16 @@ impl ShardIndex {
                 }
             }
             self.state[extent as usize] = ExtentState::Used;
-            self.map.insert(chunk, ChunkMeta { extent, len, version, issued_len: len, issued_version: version });
+            self.map.insert(
+                chunk,
+                ChunkMeta {
+                    extent,
+                    len,
+                    version,
+                    issued_len: len,
+                    issued_version: version,
+                },
+            );
         }
         if r.remaining() != 0 {
             return Err(self.corrupt(format!("{} trailing snapshot bytes", r.remaining())));
@@ -394,17 +485,42 @@ mod tests {
     fn apply_write_cow_truncate_delete() {
         let mut ix = ShardIndex::new(0, 4, 64 << 10);
         let crcs = [10u32, 11];
-        ix.apply(&Record::Write { chunk: C, extent: 2, version: 1, len: 8192, first: 0, crcs: Crcs::Native(&crcs) }).unwrap();
+        ix.apply(&Record::Write {
+            chunk: C,
+            extent: 2,
+            version: 1,
+            len: 8192,
+            first: 0,
+            crcs: Crcs::Native(&crcs),
+        })
+        .unwrap();
         assert_eq!(ix.free_extents(), 3);
         assert!(ix.is_present(2, 1) && !ix.is_present(2, 2));
         // CoW into extent 0 of block 1 only: block 0's crc is carried over.
-        ix.apply(&Record::Write { chunk: C, extent: 0, version: 2, len: 8192, first: 1, crcs: Crcs::Native(&[99]) }).unwrap();
+        ix.apply(&Record::Write {
+            chunk: C,
+            extent: 0,
+            version: 2,
+            len: 8192,
+            first: 1,
+            crcs: Crcs::Native(&[99]),
+        })
+        .unwrap();
         assert_eq!(ix.get(&C).unwrap().extent, 0);
         assert_eq!((ix.crc_of(0, 0), ix.crc_of(0, 1)), (10, 99));
         assert_eq!(ix.free_extents(), 3);
-        ix.apply(&Record::Truncate { chunk: C, version: 3, len: 4096 }).unwrap();
+        ix.apply(&Record::Truncate {
+            chunk: C,
+            version: 3,
+            len: 4096,
+        })
+        .unwrap();
         assert!(ix.is_present(0, 0) && !ix.is_present(0, 1));
-        ix.apply(&Record::Delete { chunk: C, version: 4 }).unwrap();
+        ix.apply(&Record::Delete {
+            chunk: C,
+            version: 4,
+        })
+        .unwrap();
         assert_eq!(ix.free_extents(), 4);
         assert!(ix.get(&C).is_none());
     }
@@ -412,15 +528,44 @@ mod tests {
     #[test]
     fn apply_rejects_bad_records() {
         let mut ix = ShardIndex::new(0, 4, 64 << 10);
-        let w = |extent, version, first: u32| Record::Write { chunk: C, extent, version, len: 4096, first, crcs: Crcs::Native(&[1]) };
+        let w = |extent, version, first: u32| Record::Write {
+            chunk: C,
+            extent,
+            version,
+            len: 4096,
+            first,
+            crcs: Crcs::Native(&[1]),
+        };
         assert!(ix.apply(&w(9, 1, 0)).is_err());
         assert!(ix.apply(&w(0, 1, 16)).is_err());
         ix.apply(&w(0, 1, 0)).unwrap();
         assert!(ix.apply(&w(0, 1, 0)).is_err(), "stale version");
         let other = ChunkId { inode: 2, index: 0 };
-        assert!(ix.apply(&Record::Write { chunk: other, extent: 0, version: 1, len: 4096, first: 0, crcs: Crcs::Native(&[1]) }).is_err(), "extent in use");
-        assert!(ix.apply(&Record::Delete { chunk: other, version: 1 }).is_err());
-        assert!(ix.apply(&Record::Truncate { chunk: C, version: 2, len: 100 }).is_err());
+        assert!(
+            ix.apply(&Record::Write {
+                chunk: other,
+                extent: 0,
+                version: 1,
+                len: 4096,
+                first: 0,
+                crcs: Crcs::Native(&[1])
+            })
+            .is_err(),
+            "extent in use"
+        );
+        assert!(ix
+            .apply(&Record::Delete {
+                chunk: other,
+                version: 1
+            })
+            .is_err());
+        assert!(ix
+            .apply(&Record::Truncate {
+                chunk: C,
+                version: 2,
+                len: 100
+            })
+            .is_err());
     }
 
     #[test]
@@ -429,7 +574,15 @@ mod tests {
         for i in 0..5u32 {
             let crcs: Vec<u32> = (0..7).map(|b| b * 100 + i).collect();
             let c = ChunkId { inode: 7, index: i };
-            ix.apply(&Record::Write { chunk: c, extent: i + 1, version: 3, len: 7 * 4096 - 5, first: 40 + i, crcs: Crcs::Native(&crcs) }).unwrap();
+            ix.apply(&Record::Write {
+                chunk: c,
+                extent: i + 1,
+                version: 3,
+                len: 7 * 4096 - 5,
+                first: 40 + i,
+                crcs: Crcs::Native(&crcs),
+            })
+            .unwrap();
         }
         let mut img = Vec::new();
         ix.encode_snapshot(42, &mut img);
@@ -448,6 +601,8 @@ mod tests {
         let mut wrong_shard = ShardIndex::new(4, 8, 256 << 10);
         assert!(wrong_shard.load_snapshot(&img).is_err());
         img[SNAP_HEADER_SIZE + 3] ^= 1;
-        assert!(ShardIndex::new(3, 8, 256 << 10).load_snapshot(&img).is_err());
+        assert!(ShardIndex::new(3, 8, 256 << 10)
+            .load_snapshot(&img)
+            .is_err());
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod format;
+pub mod fuzzing;
 pub mod index;
 pub mod shard;
 pub mod wal;
@@ -37,7 +38,8 @@ impl ChunkId {
     /// The shard a chunk lives in: a stable hash, so a file's chunks spread over shards
     /// (and so over cores) and the mapping never changes for a formatted device.
     pub fn shard(&self, shard_count: u32) -> u32 {
-        let mut h = self.inode.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(self.index).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+        let mut h = self.inode.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ u64::from(self.index).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
         h ^= h >> 33;
         h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
         h ^= h >> 33;
@@ -51,14 +53,31 @@ impl ChunkId {
 #[derive(Debug)]
 pub enum ChunkOp {
     /// Durable when acknowledged; the buffer comes back.
-    Write { chunk: ChunkId, offset: u32, len: u32, buf: DmaBuf },
+    Write {
+        chunk: ChunkId,
+        offset: u32,
+        len: u32,
+        buf: DmaBuf,
+    },
     /// Fills `len` bytes: data where written, zeros in holes and past the end.
-    Read { chunk: ChunkId, offset: u32, len: u32, buf: DmaBuf },
+    Read {
+        chunk: ChunkId,
+        offset: u32,
+        len: u32,
+        buf: DmaBuf,
+    },
     /// Drops blocks from `len` (a multiple of `BLOCK_SIZE`) on.
-    Truncate { chunk: ChunkId, len: u32 },
-    Delete { chunk: ChunkId },
+    Truncate {
+        chunk: ChunkId,
+        len: u32,
+    },
+    Delete {
+        chunk: ChunkId,
+    },
     /// Committed length and version.
-    Stat { chunk: ChunkId },
+    Stat {
+        chunk: ChunkId,
+    },
 }
 
 impl ChunkOp {
@@ -143,7 +162,16 @@ fn one_block(len: usize) -> Result<DmaBuf, Error> {
 /// Reads and verifies the superblock.
 pub fn read_superblock(dev: &mut dyn BlockDevice) -> Result<Superblock, Error> {
     let buf = one_block(format::SUPERBLOCK_SIZE)?;
-    let (r, buf) = run_sync(dev, IoRequest { tag: 0, kind: IoKind::Read, offset: 0, len: 4096, buf: Some(buf) });
+    let (r, buf) = run_sync(
+        dev,
+        IoRequest {
+            tag: 0,
+            kind: IoKind::Read,
+            offset: 0,
+            len: 4096,
+            buf: Some(buf),
+        },
+    );
     r?;
     let sb = Superblock::decode(buf.expect("read returns its buffer").as_slice())?;
     if sb.geometry.device_size > dev.info().size_bytes {
@@ -167,9 +195,20 @@ pub fn format(dev: &mut dyn BlockDevice, opts: &FormatOptions) -> Result<Superbl
     if !opts.force {
         let probe_len = (128u64 << 10).min(size / 4096 * 4096) as usize;
         let buf = one_block(probe_len)?;
-        let (r, buf) = run_sync(dev, IoRequest { tag: 0, kind: IoKind::Read, offset: 0, len: probe_len as u32, buf: Some(buf) });
+        let (r, buf) = run_sync(
+            dev,
+            IoRequest {
+                tag: 0,
+                kind: IoKind::Read,
+                offset: 0,
+                len: probe_len as u32,
+                buf: Some(buf),
+            },
+        );
         r?;
-        if let Some(what) = format::probe_signature(buf.expect("read returns its buffer").as_slice()) {
+        if let Some(what) =
+            format::probe_signature(buf.expect("read returns its buffer").as_slice())
+        {
             return Err(Error::Occupied(what.to_owned()));
         }
     }
@@ -182,25 +221,58 @@ pub fn format(dev: &mut dyn BlockDevice, opts: &FormatOptions) -> Result<Superbl
             .unwrap_or(0),
         geometry: geometry.clone(),
     };
-    let write = |dev: &mut dyn BlockDevice, offset: u64, fill: &dyn Fn(&mut [u8])| -> Result<(), Error> {
-        let mut buf = one_block(4096)?;
-        buf.as_mut_slice().fill(0);
-        fill(buf.as_mut_slice());
-        run_sync(dev, IoRequest { tag: 0, kind: IoKind::Write, offset, len: 4096, buf: Some(buf) }).0
-    };
+    let write =
+        |dev: &mut dyn BlockDevice, offset: u64, fill: &dyn Fn(&mut [u8])| -> Result<(), Error> {
+            let mut buf = one_block(4096)?;
+            buf.as_mut_slice().fill(0);
+            fill(buf.as_mut_slice());
+            run_sync(
+                dev,
+                IoRequest {
+                    tag: 0,
+                    kind: IoKind::Write,
+                    offset,
+                    len: 4096,
+                    buf: Some(buf),
+                },
+            )
+            .0
+        };
     // Shards first, superblock last: a device is a Spool only once all of it is laid out.
     for shard in 0..geometry.shard_count {
         let empty = index::ShardIndex::new(shard, 2, geometry.chunk_size);
         let mut image = Vec::new();
         empty.encode_snapshot(1, &mut image);
         // Generation g lives in slot g % 2: the empty generation 1 in slot 1.
-        write(dev, geometry.snapshot_slot(shard, 1), &|b| b[..image.len()].copy_from_slice(&image))?;
+        write(dev, geometry.snapshot_slot(shard, 1), &|b| {
+            b[..image.len()].copy_from_slice(&image)
+        })?;
         write(dev, geometry.snapshot_slot(shard, 0), &|_| {})?;
         write(dev, geometry.wal_base(shard), &|_| {})?;
     }
-    run_sync(dev, IoRequest { tag: 0, kind: IoKind::Flush, offset: 0, len: 0, buf: None }).0?;
+    run_sync(
+        dev,
+        IoRequest {
+            tag: 0,
+            kind: IoKind::Flush,
+            offset: 0,
+            len: 0,
+            buf: None,
+        },
+    )
+    .0?;
     write(dev, 0, &|b| sb.encode(b))?;
-    run_sync(dev, IoRequest { tag: 0, kind: IoKind::Flush, offset: 0, len: 0, buf: None }).0?;
+    run_sync(
+        dev,
+        IoRequest {
+            tag: 0,
+            kind: IoKind::Flush,
+            offset: 0,
+            len: 0,
+            buf: None,
+        },
+    )
+    .0?;
     Ok(sb)
 }
 
@@ -216,7 +288,11 @@ pub struct CoreStore {
 impl CoreStore {
     /// Opens (recovers) `shard_ids` on `dev`. The device's queue depth is split among
     /// the shards so a shard's device submissions never find the queue full.
-    pub fn open(mut dev: Box<dyn BlockDevice>, geometry: &Geometry, shard_ids: &[u32]) -> Result<Self, Error> {
+    pub fn open(
+        mut dev: Box<dyn BlockDevice>,
+        geometry: &Geometry,
+        shard_ids: &[u32],
+    ) -> Result<Self, Error> {
         assert!(!shard_ids.is_empty(), "a core owns at least one shard");
         let per_shard = dev.queue_depth_max() / shard_ids.len();
         if per_shard <= shard::SHARD_EXTRA_IOS {
@@ -231,10 +307,21 @@ impl CoreStore {
         let mut shards = Vec::with_capacity(shard_ids.len());
         for (local, &id) in shard_ids.iter().enumerate() {
             assert!(id < geometry.shard_count, "shard {id} out of range");
-            shards.push(Shard::open(dev.as_mut(), geometry, id, local as u16, slots)?);
+            shards.push(Shard::open(
+                dev.as_mut(),
+                geometry,
+                id,
+                local as u16,
+                slots,
+            )?);
         }
         let io_done = Vec::with_capacity(dev.queue_depth_max());
-        Ok(CoreStore { dev, geometry: geometry.clone(), shards, io_done })
+        Ok(CoreStore {
+            dev,
+            geometry: geometry.clone(),
+            shards,
+            io_done,
+        })
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -255,10 +342,18 @@ impl CoreStore {
 
     /// Hands a request to its shard. Returns it when that shard has no free slot.
     /// A chunk of a shard this core does not own is answered with an error.
-    pub fn submit(&mut self, req: ShardRequest, out: &mut Vec<ShardCompletion>) -> Result<(), ShardRequest> {
+    pub fn submit(
+        &mut self,
+        req: ShardRequest,
+        out: &mut Vec<ShardCompletion>,
+    ) -> Result<(), ShardRequest> {
         let Some(local) = self.local_shard(&req.op.chunk()) else {
             let e = Error::BadRequest(format!("chunk {} is not on this core", req.op.chunk()));
-            out.push(ShardCompletion { tag: req.tag, result: Err(e), buf: req.op.into_buf() });
+            out.push(ShardCompletion {
+                tag: req.tag,
+                result: Err(e),
+                buf: req.op.into_buf(),
+            });
             return Ok(());
         };
         self.shards[local].submit(req, out)

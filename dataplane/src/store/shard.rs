@@ -7,6 +7,7 @@
 //! - **copy-on-write**, when it overwrites committed blocks: the committed chunk is read,
 //!   verified, merged with the new data in a scratch buffer and written to a fresh
 //!   extent.
+//!
 //! Either way the write becomes visible only through a WAL record, so an update is
 //! atomic. Commit is grouped: one flush covers every data write completed before it,
 //! then one WAL batch carries all their records, then a flush makes the batch durable
@@ -21,6 +22,7 @@
 //! - reads never wait: they see the committed state at their start, snapshotting the
 //!   present bits and crcs they will verify against; extents they read stay allocated
 //!   until they finish.
+//!
 //! A failed data flush or WAL write leaves the shard's durability unknown: the shard
 //! fails its pending writes and refuses new ones (reads go on), and says why.
 
@@ -31,7 +33,9 @@ use spool_hugepages::{DmaBuf, DmaPool, PagePolicy};
 use super::codec::crc;
 use super::format::{Geometry, BLOCK_SIZE, SNAP_HEADER_SIZE};
 use super::index::ShardIndex;
-use super::wal::{decode_body, BatchBuilder, BatchHeader, Crcs, Record, BATCH_HEADER_SIZE, BATCH_MAX};
+use super::wal::{
+    decode_body, BatchBuilder, BatchHeader, Crcs, Record, BATCH_HEADER_SIZE, BATCH_MAX,
+};
 use super::{ChunkId, ChunkInfo, ChunkOp, ShardCompletion, ShardRequest, ShardStats};
 use crate::device::{run_sync, BlockDevice, IoCompletion, IoKind, IoRequest};
 use crate::Error;
@@ -201,8 +205,18 @@ impl Shard {
         let bpc = geo.blocks_per_chunk() as usize;
         let meta_pool = DmaPool::new("shard-meta", BATCH_MAX, 1, PagePolicy::Normal)?;
         let piece = SNAP_PIECE.min(geo.snapshot_slot_size as usize);
-        let snap_pool = DmaPool::new("shard-snap", piece, SNAP_PIECES_IN_FLIGHT, PagePolicy::Normal)?;
-        let scratch_pool = DmaPool::new("cow-scratch", geo.chunk_size as usize, 2, PagePolicy::PreferHuge)?;
+        let snap_pool = DmaPool::new(
+            "shard-snap",
+            piece,
+            SNAP_PIECES_IN_FLIGHT,
+            PagePolicy::Normal,
+        )?;
+        let scratch_pool = DmaPool::new(
+            "cow-scratch",
+            geo.chunk_size as usize,
+            2,
+            PagePolicy::PreferHuge,
+        )?;
         let mut shard = Shard {
             id,
             local,
@@ -271,7 +285,13 @@ impl Shard {
 
     // ---- recovery -------------------------------------------------------------------
 
-    fn read_region(dev: &mut dyn BlockDevice, pool: &Arc<DmaPool>, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<(), Error> {
+    fn read_region(
+        dev: &mut dyn BlockDevice,
+        pool: &Arc<DmaPool>,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
         out.clear();
         let mut done = 0usize;
         while done < len {
@@ -279,7 +299,16 @@ impl Shard {
             let n_io = n.div_ceil(4096) * 4096;
             assert!(n_io <= pool.buf_size(), "pool buffers are whole blocks");
             let buf = pool.alloc().ok_or(Error::Busy)?;
-            let (r, buf) = run_sync(dev, IoRequest { tag: 0, kind: IoKind::Read, offset: offset + done as u64, len: n_io as u32, buf: Some(buf) });
+            let (r, buf) = run_sync(
+                dev,
+                IoRequest {
+                    tag: 0,
+                    kind: IoKind::Read,
+                    offset: offset + done as u64,
+                    len: n_io as u32,
+                    buf: Some(buf),
+                },
+            );
             r?;
             out.extend_from_slice(&buf.expect("read returns its buffer").as_slice()[..n]);
             done += n;
@@ -294,19 +323,31 @@ impl Shard {
         // Try the newest valid header first; a torn body falls back to the other slot.
         let mut candidates: Vec<(u64, u32, u64)> = Vec::new();
         for slot in 0..2 {
-            Self::read_region(dev, &pool, self.geo.snapshot_slot(self.id, slot), 4096, &mut head)?;
+            Self::read_region(
+                dev,
+                &pool,
+                self.geo.snapshot_slot(self.id, slot),
+                4096,
+                &mut head,
+            )?;
             if let Some((g, l)) = self.index.snapshot_header(&head) {
                 candidates.push((g, slot, l));
             }
         }
-        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         let mut image = std::mem::take(&mut self.snap_image);
         for (generation, slot, body_len) in candidates {
             if SNAP_HEADER_SIZE as u64 + body_len > self.geo.snapshot_slot_size {
                 continue;
             }
             let total = SNAP_HEADER_SIZE + body_len as usize;
-            Self::read_region(dev, &pool, self.geo.snapshot_slot(self.id, slot), total, &mut image)?;
+            Self::read_region(
+                dev,
+                &pool,
+                self.geo.snapshot_slot(self.id, slot),
+                total,
+                &mut image,
+            )?;
             let mut ix = ShardIndex::new(self.id, self.geo.extents_per_shard, self.geo.chunk_size);
             match ix.load_snapshot(&image) {
                 Ok(g) => {
@@ -315,12 +356,17 @@ impl Shard {
                     loaded = Some(generation);
                     break;
                 }
-                Err(e) => tracing::warn!(shard = self.id, slot, error = %e, "snapshot slot unusable, trying the other"),
+                Err(e) => {
+                    tracing::warn!(shard = self.id, slot, error = %e, "snapshot slot unusable, trying the other")
+                }
             }
         }
         self.snap_image = image;
         let Some(generation) = loaded else {
-            return Err(Error::Corrupt { what: "shard", detail: format!("shard {}: no valid snapshot in either slot", self.id) });
+            return Err(Error::Corrupt {
+                what: "shard",
+                detail: format!("shard {}: no valid snapshot in either slot", self.id),
+            });
         };
         self.generation = generation;
 
@@ -331,8 +377,14 @@ impl Shard {
         let mut batch = Vec::new();
         while pos + 4096 <= wal_size {
             Self::read_region(dev, &pool, wal_base + pos as u64, 4096, &mut batch)?;
-            let Some(h) = BatchHeader::decode(&batch) else { break };
-            if h.generation != generation || h.lsn != lsn || h.wal_offset != pos as u64 || pos + h.total_len() > wal_size {
+            let Some(h) = BatchHeader::decode(&batch) else {
+                break;
+            };
+            if h.generation != generation
+                || h.lsn != lsn
+                || h.wal_offset != pos as u64
+                || pos + h.total_len() > wal_size
+            {
                 break;
             }
             if h.total_len() > 4096 {
@@ -368,7 +420,10 @@ impl Shard {
                 self.on_io(dev, c, &mut out);
             }
             if let Some(f) = &self.failed {
-                return Err(Error::Corrupt { what: "shard", detail: f.clone() });
+                return Err(Error::Corrupt {
+                    what: "shard",
+                    detail: f.clone(),
+                });
             }
         }
         assert!(out.is_empty(), "no client ops during start-up");
@@ -379,26 +434,44 @@ impl Shard {
 
     /// Accepts a request. Invalid requests complete at once with an error in `out`.
     /// Returns the request when the shard has no free slot.
-    pub fn submit(&mut self, req: ShardRequest, out: &mut Vec<ShardCompletion>) -> Result<(), ShardRequest> {
+    pub fn submit(
+        &mut self,
+        req: ShardRequest,
+        out: &mut Vec<ShardCompletion>,
+    ) -> Result<(), ShardRequest> {
         if let Err(e) = self.check(&req.op) {
             let buf = req.op.into_buf();
-            out.push(ShardCompletion { tag: req.tag, result: Err(e), buf });
+            out.push(ShardCompletion {
+                tag: req.tag,
+                result: Err(e),
+                buf,
+            });
             return Ok(());
         }
         if let ChunkOp::Stat { chunk } = req.op {
             let info = self.committed_info(&chunk);
-            out.push(ShardCompletion { tag: req.tag, result: Ok(info), buf: None });
+            out.push(ShardCompletion {
+                tag: req.tag,
+                result: Ok(info),
+                buf: None,
+            });
             return Ok(());
         }
         if req.op.mutates() {
             if let Some(f) = &self.failed {
                 let e = Error::Io { errno: 5 };
                 tracing::debug!(shard = self.id, failure = %f, "write refused on failed shard");
-                out.push(ShardCompletion { tag: req.tag, result: Err(e), buf: req.op.into_buf() });
+                out.push(ShardCompletion {
+                    tag: req.tag,
+                    result: Err(e),
+                    buf: req.op.into_buf(),
+                });
                 return Ok(());
             }
         }
-        let Some(idx) = self.free_slots.pop() else { return Err(req) };
+        let Some(idx) = self.free_slots.pop() else {
+            return Err(req);
+        };
         let seq = self.next_seq;
         self.next_seq += 1;
         let s = &mut self.slots[idx as usize];
@@ -408,13 +481,23 @@ impl Shard {
         s.cow = false;
         s.scratch = None;
         match req.op {
-            ChunkOp::Write { chunk, offset, len, buf } => {
+            ChunkOp::Write {
+                chunk,
+                offset,
+                len,
+                buf,
+            } => {
                 s.kind = Kind::Write;
                 (s.chunk, s.offset, s.len, s.buf) = (chunk, offset, len, Some(buf));
                 s.first_block = offset / BLOCK_SIZE;
                 s.nblocks = (offset + len).div_ceil(BLOCK_SIZE) - s.first_block;
             }
-            ChunkOp::Read { chunk, offset, len, buf } => {
+            ChunkOp::Read {
+                chunk,
+                offset,
+                len,
+                buf,
+            } => {
                 s.kind = Kind::Read;
                 (s.chunk, s.offset, s.len, s.buf) = (chunk, offset, len, Some(buf));
                 s.first_block = offset / BLOCK_SIZE;
@@ -442,29 +525,42 @@ impl Shard {
         let cs = self.geo.chunk_size;
         let bad = |m: String| Err(Error::BadRequest(m));
         match op {
-            ChunkOp::Write { offset, len, buf, .. } | ChunkOp::Read { offset, len, buf, .. } => {
+            ChunkOp::Write {
+                offset, len, buf, ..
+            }
+            | ChunkOp::Read {
+                offset, len, buf, ..
+            } => {
                 if offset % BLOCK_SIZE != 0 {
                     return bad(format!("offset {offset} is not a multiple of {BLOCK_SIZE}"));
                 }
                 if *len == 0 || u64::from(*offset) + u64::from(*len) > u64::from(cs) {
-                    return bad(format!("range {offset}+{len} is empty or beyond the chunk size {cs}"));
+                    return bad(format!(
+                        "range {offset}+{len} is empty or beyond the chunk size {cs}"
+                    ));
                 }
                 let need = (*len as usize).div_ceil(BLOCK_SIZE as usize) * BLOCK_SIZE as usize;
                 if buf.capacity() < need {
-                    return bad(format!("buffer of {} bytes cannot hold {need}", buf.capacity()));
+                    return bad(format!(
+                        "buffer of {} bytes cannot hold {need}",
+                        buf.capacity()
+                    ));
                 }
                 Ok(())
             }
-            ChunkOp::Truncate { len, .. } if len % BLOCK_SIZE != 0 || *len > cs => {
-                bad(format!("truncate length {len} must be a multiple of {BLOCK_SIZE} up to {cs}"))
-            }
+            ChunkOp::Truncate { len, .. } if len % BLOCK_SIZE != 0 || *len > cs => bad(format!(
+                "truncate length {len} must be a multiple of {BLOCK_SIZE} up to {cs}"
+            )),
             _ => Ok(()),
         }
     }
 
     fn committed_info(&self, chunk: &ChunkId) -> ChunkInfo {
         match self.index.get(chunk) {
-            Some(m) if m.version > 0 => ChunkInfo { len: m.len, version: m.version },
+            Some(m) if m.version > 0 => ChunkInfo {
+                len: m.len,
+                version: m.version,
+            },
             _ => ChunkInfo { len: 0, version: 0 },
         }
     }
@@ -495,7 +591,8 @@ impl Shard {
                 continue;
             }
             let o_exclusive = o.kind != Kind::Write || o.cow;
-            let overlap = s.first_block < o.first_block + o.nblocks && o.first_block < s.first_block + s.nblocks;
+            let overlap = s.first_block < o.first_block + o.nblocks
+                && o.first_block < s.first_block + s.nblocks;
             if exclusive || o_exclusive || overlap {
                 return false;
             }
@@ -517,7 +614,10 @@ impl Shard {
         self.rescan = false;
         let mut order = std::mem::take(&mut self.order);
         order.clear();
-        order.extend((0..self.slots.len() as u32).filter(|&i| self.slots[i as usize].stage == Stage::Deferred));
+        order.extend(
+            (0..self.slots.len() as u32)
+                .filter(|&i| self.slots[i as usize].stage == Stage::Deferred),
+        );
         order.sort_unstable_by_key(|&i| self.slots[i as usize].seq);
         for &i in &order {
             if self.may_start(i as usize) {
@@ -562,7 +662,10 @@ impl Shard {
             self.complete(i, Ok(ChunkInfo { len: 0, version: 0 }), out);
             return;
         };
-        s.info = ChunkInfo { len: m.len, version: m.version };
+        s.info = ChunkInfo {
+            len: m.len,
+            version: m.version,
+        };
         s.extent = m.extent;
         s.present.fill(0);
         let mut any = false;
@@ -586,7 +689,8 @@ impl Shard {
         let req = IoRequest {
             tag: u64::from(self.local) << 48 | K_DATA << 40 | i as u64,
             kind: IoKind::Read,
-            offset: self.geo.extent_offset(self.id, m.extent) + u64::from(s.first_block * BLOCK_SIZE),
+            offset: self.geo.extent_offset(self.id, m.extent)
+                + u64::from(s.first_block * BLOCK_SIZE),
             len: s.nblocks * BLOCK_SIZE,
             buf: s.buf.take(),
         };
@@ -606,8 +710,9 @@ impl Shard {
             None
         };
         let existing = self.index.get(&chunk).copied();
-        let extent = if cow || existing.is_none() {
-            match self.index.reserve_extent() {
+        let extent = match existing {
+            Some(m) if !cow => m.extent,
+            _ => match self.index.reserve_extent() {
                 Some(e) => e,
                 None => {
                     self.leave_deferred(i);
@@ -615,9 +720,7 @@ impl Shard {
                     self.complete(i, Err(Error::NoSpace { shard: self.id }), out);
                     return;
                 }
-            }
-        } else {
-            existing.expect("checked").extent
+            },
         };
         if existing.is_none() {
             self.index.insert_pending(chunk, extent);
@@ -642,7 +745,10 @@ impl Shard {
             let m = existing.expect("cow has a committed chunk");
             s.scratch = scratch;
             s.stage = Stage::CowReading;
-            s.info = ChunkInfo { len: m.len, version: m.version };
+            s.info = ChunkInfo {
+                len: m.len,
+                version: m.version,
+            };
             let nb = m.len.div_ceil(BLOCK_SIZE).max(1);
             self.index.reader_enter(m.extent);
             let req = IoRequest {
@@ -667,7 +773,13 @@ impl Shard {
     }
 
     /// Submits a device request for slot `i`; a refusal fails the op.
-    fn issue(&mut self, dev: &mut dyn BlockDevice, i: usize, req: IoRequest, out: &mut Vec<ShardCompletion>) {
+    fn issue(
+        &mut self,
+        dev: &mut dyn BlockDevice,
+        i: usize,
+        req: IoRequest,
+        out: &mut Vec<ShardCompletion>,
+    ) {
         if let Err((e, req)) = dev.submit(req) {
             // The core sizes the device queue for every slot, so this is a bad request.
             let s = &mut self.slots[i];
@@ -683,14 +795,24 @@ impl Shard {
     // ---- completions ----------------------------------------------------------------
 
     /// Handles one device completion addressed to this shard.
-    pub fn on_io(&mut self, dev: &mut dyn BlockDevice, c: IoCompletion, out: &mut Vec<ShardCompletion>) {
+    pub fn on_io(
+        &mut self,
+        dev: &mut dyn BlockDevice,
+        c: IoCompletion,
+        out: &mut Vec<ShardCompletion>,
+    ) {
         let kind = c.tag >> 40 & 0xff;
         let idx = (c.tag & ((1 << 40) - 1)) as usize;
         match kind {
             K_DATA if self.slots[idx].stage == Stage::Reading => self.read_done(idx, c, out),
             K_DATA => {
                 let s = &mut self.slots[idx];
-                assert_eq!(s.stage, Stage::DataWriting, "data write completion for a slot in {:?}", s.stage);
+                assert_eq!(
+                    s.stage,
+                    Stage::DataWriting,
+                    "data write completion for a slot in {:?}",
+                    s.stage
+                );
                 if s.cow {
                     s.scratch = c.buf;
                 } else {
@@ -770,14 +892,33 @@ impl Shard {
             Some((block, stored, computed)) => {
                 self.stats.crc_errors += 1;
                 let chunk = s.chunk.to_string();
-                self.complete(i, Err(Error::BadChecksum { chunk, block, stored, computed }), out);
+                self.complete(
+                    i,
+                    Err(Error::BadChecksum {
+                        chunk,
+                        block,
+                        stored,
+                        computed,
+                    }),
+                    out,
+                );
             }
             None => self.complete(i, Ok(info), out),
         }
     }
 
-    fn cow_read_done(&mut self, dev: &mut dyn BlockDevice, i: usize, c: IoCompletion, out: &mut Vec<ShardCompletion>) {
-        let old = self.index.get(&self.slots[i].chunk).copied().expect("cow source stays committed");
+    fn cow_read_done(
+        &mut self,
+        dev: &mut dyn BlockDevice,
+        i: usize,
+        c: IoCompletion,
+        out: &mut Vec<ShardCompletion>,
+    ) {
+        let old = self
+            .index
+            .get(&self.slots[i].chunk)
+            .copied()
+            .expect("cow source stays committed");
         self.index.reader_exit(old.extent);
         self.slots[i].scratch = c.buf;
         if let Err(e) = c.result {
@@ -792,7 +933,8 @@ impl Shard {
             let s = &self.slots[i];
             let data = s.scratch.as_ref().expect("scratch back").as_slice();
             for b in 0..nb_old {
-                if self.index.is_present(old.extent, b as u32) && !s.blocks().contains(&(b as u32)) {
+                if self.index.is_present(old.extent, b as u32) && !s.blocks().contains(&(b as u32))
+                {
                     let got = crc(&data[b * bs..(b + 1) * bs]);
                     let stored = self.index.crc_of(old.extent, b as u32);
                     if got != stored {
@@ -805,7 +947,16 @@ impl Shard {
         if let Some((block, stored, computed)) = bad {
             self.stats.crc_errors += 1;
             let chunk = self.slots[i].chunk.to_string();
-            self.fail_op(i, Error::BadChecksum { chunk, block, stored, computed }, out);
+            self.fail_op(
+                i,
+                Error::BadChecksum {
+                    chunk,
+                    block,
+                    stored,
+                    computed,
+                },
+                out,
+            );
             return;
         }
         let s = &mut self.slots[i];
@@ -837,7 +988,11 @@ impl Shard {
             return;
         }
         self.stats.flushes += 1;
-        for s in self.slots.iter_mut().filter(|s| s.stage == Stage::DataFlushing) {
+        for s in self
+            .slots
+            .iter_mut()
+            .filter(|s| s.stage == Stage::DataFlushing)
+        {
             s.stage = Stage::ReadyForWal;
         }
         if self.wal_state == WalState::Flushing {
@@ -858,8 +1013,14 @@ impl Shard {
                 panic!("shard {}: committed record refused: {e}", self.id);
             }
             let info = match s.kind {
-                Kind::Delete => ChunkInfo { len: 0, version: s.version },
-                _ => ChunkInfo { len: s.new_len, version: s.version },
+                Kind::Delete => ChunkInfo {
+                    len: 0,
+                    version: s.version,
+                },
+                _ => ChunkInfo {
+                    len: s.new_len,
+                    version: s.version,
+                },
             };
             self.stats.commits += 1;
             self.complete(i, Ok(info), out);
@@ -883,8 +1044,15 @@ impl Shard {
                 first: s.first_block,
                 crcs: Crcs::Native(&s.crcs[..s.nblocks as usize]),
             },
-            Kind::Truncate => Record::Truncate { chunk: s.chunk, version: s.version, len: s.new_len },
-            Kind::Delete => Record::Delete { chunk: s.chunk, version: s.version },
+            Kind::Truncate => Record::Truncate {
+                chunk: s.chunk,
+                version: s.version,
+                len: s.new_len,
+            },
+            Kind::Delete => Record::Delete {
+                chunk: s.chunk,
+                version: s.version,
+            },
             Kind::Read => unreachable!("reads have no record"),
         }
     }
@@ -904,7 +1072,10 @@ impl Shard {
         if self.snap_state == SnapState::Writing {
             self.continue_snapshot(dev, out);
         }
-        if self.wal_state == WalState::Idle && self.snap_state == SnapState::Idle && self.failed.is_none() {
+        if self.wal_state == WalState::Idle
+            && self.snap_state == SnapState::Idle
+            && self.failed.is_none()
+        {
             self.start_batch(dev, out);
         }
         if !self.flush_in_flight {
@@ -917,7 +1088,13 @@ impl Shard {
                     self.wal_state = WalState::Flushing;
                 }
                 self.flush_in_flight = true;
-                let req = IoRequest { tag: self.dev_tag(K_FLUSH, 0), kind: IoKind::Flush, offset: 0, len: 0, buf: None };
+                let req = IoRequest {
+                    tag: self.dev_tag(K_FLUSH, 0),
+                    kind: IoKind::Flush,
+                    offset: 0,
+                    len: 0,
+                    buf: None,
+                };
                 if let Err((e, _)) = dev.submit(req) {
                     self.flush_in_flight = false;
                     self.fail_shard(format!("flush refused: {e}"), out);
@@ -930,7 +1107,10 @@ impl Shard {
         if !self.slots.iter().any(|s| s.stage == Stage::ReadyForWal) {
             return;
         }
-        let mut buf = self.wal_buf.take().expect("WAL buffer is home when the WAL is idle");
+        let mut buf = self
+            .wal_buf
+            .take()
+            .expect("WAL buffer is home when the WAL is idle");
         buf.set_len(buf.capacity());
         let mut b = BatchBuilder::new();
         let room = (self.geo.wal_size - self.wal_pos) as usize;
@@ -939,7 +1119,10 @@ impl Shard {
             if self.slots[i].stage != Stage::ReadyForWal {
                 continue;
             }
-            let m = *self.index.get(&self.slots[i].chunk).expect("a mutated chunk has an entry");
+            let m = *self
+                .index
+                .get(&self.slots[i].chunk)
+                .expect("a mutated chunk has an entry");
             let s = &mut self.slots[i];
             s.version = m.issued_version + 1;
             s.new_len = match s.kind {
@@ -951,7 +1134,8 @@ impl Shard {
             if !b.fits(&rec) {
                 break;
             }
-            let padded = (BATCH_HEADER_SIZE + b.body_len() + rec.encoded_len()).div_ceil(4096) * 4096;
+            let padded =
+                (BATCH_HEADER_SIZE + b.body_len() + rec.encoded_len()).div_ceil(4096) * 4096;
             if padded > room {
                 ring_full = true;
                 break;
@@ -974,7 +1158,12 @@ impl Shard {
             }
             return;
         }
-        let h = b.finish(buf.as_mut_slice(), self.generation, self.wal_lsn, self.wal_pos);
+        let h = b.finish(
+            buf.as_mut_slice(),
+            self.generation,
+            self.wal_lsn,
+            self.wal_pos,
+        );
         let len = h.total_len();
         let req = IoRequest {
             tag: self.dev_tag(K_WAL, 0),
@@ -1000,7 +1189,10 @@ impl Shard {
     fn start_snapshot(&mut self) {
         let mut image = std::mem::take(&mut self.snap_image);
         self.index.encode_snapshot(self.generation + 1, &mut image);
-        assert!(image.len() as u64 <= self.geo.snapshot_slot_size, "snapshot fits its slot by construction");
+        assert!(
+            image.len() as u64 <= self.geo.snapshot_slot_size,
+            "snapshot fits its slot by construction"
+        );
         image.resize(image.len().div_ceil(4096) * 4096, 0);
         self.snap_image = image;
         self.snap_next = 0;
@@ -1009,11 +1201,16 @@ impl Shard {
     }
 
     fn continue_snapshot(&mut self, dev: &mut dyn BlockDevice, out: &mut Vec<ShardCompletion>) {
-        let base = self.geo.snapshot_slot(self.id, ((self.generation + 1) % 2) as u32);
+        let base = self
+            .geo
+            .snapshot_slot(self.id, ((self.generation + 1) % 2) as u32);
         while self.snap_next < self.snap_image.len() && self.snap_out < SNAP_PIECES_IN_FLIGHT {
-            let Some(mut buf) = self.snap_pool.alloc() else { break };
+            let Some(mut buf) = self.snap_pool.alloc() else {
+                break;
+            };
             let n = (self.snap_image.len() - self.snap_next).min(SNAP_PIECE);
-            buf.as_mut_slice()[..n].copy_from_slice(&self.snap_image[self.snap_next..self.snap_next + n]);
+            buf.as_mut_slice()[..n]
+                .copy_from_slice(&self.snap_image[self.snap_next..self.snap_next + n]);
             let req = IoRequest {
                 tag: self.dev_tag(K_SNAP, self.snap_next as u64),
                 kind: IoKind::Write,
@@ -1030,7 +1227,13 @@ impl Shard {
         }
         if self.snap_next == self.snap_image.len() && self.snap_out == 0 && self.failed.is_none() {
             self.snap_state = SnapState::Flushing;
-            let req = IoRequest { tag: self.dev_tag(K_SNAP_FLUSH, 0), kind: IoKind::Flush, offset: 0, len: 0, buf: None };
+            let req = IoRequest {
+                tag: self.dev_tag(K_SNAP_FLUSH, 0),
+                kind: IoKind::Flush,
+                offset: 0,
+                len: 0,
+                buf: None,
+            };
             if let Err((e, _)) = dev.submit(req) {
                 self.fail_shard(format!("snapshot flush refused: {e}"), out);
             }
@@ -1041,7 +1244,10 @@ impl Shard {
 
     fn fail_shard(&mut self, why: String, out: &mut Vec<ShardCompletion>) {
         if self.failed.is_none() {
-            tracing::error!(shard = self.id, "{why}; the shard refuses writes until restarted");
+            tracing::error!(
+                shard = self.id,
+                "{why}; the shard refuses writes until restarted"
+            );
             self.failed = Some(why);
         }
         self.snap_state = SnapState::Idle;
@@ -1074,7 +1280,9 @@ impl Shard {
             let (chunk, extent, cow) = (s.chunk, s.extent, s.cow);
             if cow {
                 self.index.release_extent(extent);
-            } else if self.index.get(&chunk).is_some_and(|m| m.version == 0) && !self.other_ops_on(i, chunk) {
+            } else if self.index.get(&chunk).is_some_and(|m| m.version == 0)
+                && !self.other_ops_on(i, chunk)
+            {
                 self.index.remove_pending(&chunk);
             }
         }
@@ -1086,10 +1294,18 @@ impl Shard {
     }
 
     fn other_ops_on(&self, i: usize, chunk: ChunkId) -> bool {
-        self.slots.iter().enumerate().any(|(j, o)| j != i && o.stage != Stage::Free && o.chunk == chunk && o.mutates())
+        self.slots
+            .iter()
+            .enumerate()
+            .any(|(j, o)| j != i && o.stage != Stage::Free && o.chunk == chunk && o.mutates())
     }
 
-    fn complete(&mut self, i: usize, result: Result<ChunkInfo, Error>, out: &mut Vec<ShardCompletion>) {
+    fn complete(
+        &mut self,
+        i: usize,
+        result: Result<ChunkInfo, Error>,
+        out: &mut Vec<ShardCompletion>,
+    ) {
         let s = &mut self.slots[i];
         s.stage = Stage::Free;
         s.scratch = None;
@@ -1097,7 +1313,11 @@ impl Shard {
         if let (Some(b), Kind::Read) = (buf.as_mut(), s.kind) {
             b.set_len(s.len as usize);
         }
-        out.push(ShardCompletion { tag: s.tag, result, buf });
+        out.push(ShardCompletion {
+            tag: s.tag,
+            result,
+            buf,
+        });
         self.free_slots.push(i as u32);
         self.rescan = true;
     }

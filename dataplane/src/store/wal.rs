@@ -29,9 +29,20 @@ pub enum Record<'a> {
     /// Blocks `first..first+crcs.len()` of `chunk` now hold data with these crcs, the
     /// chunk lives in `extent` (a different extent than before means copy-on-write: the
     /// other blocks were copied there) and is `len` bytes long.
-    Write { chunk: ChunkId, extent: u32, version: u64, len: u32, first: u32, crcs: Crcs<'a> },
+    Write {
+        chunk: ChunkId,
+        extent: u32,
+        version: u64,
+        len: u32,
+        first: u32,
+        crcs: Crcs<'a>,
+    },
     /// Blocks from `len / BLOCK_SIZE` on become holes; `len` is block-aligned.
-    Truncate { chunk: ChunkId, version: u64, len: u32 },
+    Truncate {
+        chunk: ChunkId,
+        version: u64,
+        len: u32,
+    },
     /// The chunk is gone and its extent free.
     Delete { chunk: ChunkId, version: u64 },
 }
@@ -64,7 +75,9 @@ impl Crcs<'_> {
 impl Record<'_> {
     pub fn chunk(&self) -> ChunkId {
         match self {
-            Record::Write { chunk, .. } | Record::Truncate { chunk, .. } | Record::Delete { chunk, .. } => *chunk,
+            Record::Write { chunk, .. }
+            | Record::Truncate { chunk, .. }
+            | Record::Delete { chunk, .. } => *chunk,
         }
     }
     pub fn encoded_len(&self) -> usize {
@@ -80,7 +93,14 @@ impl Record<'_> {
             w.u32(c.index);
         };
         match self {
-            Record::Write { chunk: c, extent, version, len, first, crcs } => {
+            Record::Write {
+                chunk: c,
+                extent,
+                version,
+                len,
+                first,
+                crcs,
+            } => {
                 w.u8(REC_WRITE);
                 chunk(w, c);
                 w.u32(*extent);
@@ -92,7 +112,11 @@ impl Record<'_> {
                     w.u32(crcs.get(i));
                 }
             }
-            Record::Truncate { chunk: c, version, len } => {
+            Record::Truncate {
+                chunk: c,
+                version,
+                len,
+            } => {
                 w.u8(REC_TRUNCATE);
                 chunk(w, c);
                 w.u64(*version);
@@ -110,7 +134,10 @@ impl Record<'_> {
 /// Decodes one record; the caller checks its values against the geometry.
 pub fn decode_record<'a>(r: &mut Reader<'a>) -> Result<Record<'a>, Error> {
     let kind = r.u8()?;
-    let chunk = ChunkId { inode: r.u64()?, index: r.u32()? };
+    let chunk = ChunkId {
+        inode: r.u64()?,
+        index: r.u32()?,
+    };
     match kind {
         REC_WRITE => {
             let extent = r.u32()?;
@@ -119,13 +146,30 @@ pub fn decode_record<'a>(r: &mut Reader<'a>) -> Result<Record<'a>, Error> {
             let first = r.u32()?;
             let n = r.u32()? as usize;
             if n > r.remaining() / 4 {
-                return Err(r.corrupt(format!("write record claims {n} crcs, {} bytes left", r.remaining())));
+                return Err(r.corrupt(format!(
+                    "write record claims {n} crcs, {} bytes left",
+                    r.remaining()
+                )));
             }
             let crcs = Crcs::Le(r.bytes(4 * n)?);
-            Ok(Record::Write { chunk, extent, version, len, first, crcs })
+            Ok(Record::Write {
+                chunk,
+                extent,
+                version,
+                len,
+                first,
+                crcs,
+            })
         }
-        REC_TRUNCATE => Ok(Record::Truncate { chunk, version: r.u64()?, len: r.u32()? }),
-        REC_DELETE => Ok(Record::Delete { chunk, version: r.u64()? }),
+        REC_TRUNCATE => Ok(Record::Truncate {
+            chunk,
+            version: r.u64()?,
+            len: r.u32()?,
+        }),
+        REC_DELETE => Ok(Record::Delete {
+            chunk,
+            version: r.u64()?,
+        }),
         other => Err(r.corrupt(format!("unknown record type {other}"))),
     }
 }
@@ -192,7 +236,10 @@ pub struct BatchBuilder {
 
 impl BatchBuilder {
     pub fn new() -> Self {
-        BatchBuilder { body_len: 0, records: 0 }
+        BatchBuilder {
+            body_len: 0,
+            records: 0,
+        }
     }
     pub fn is_empty(&self) -> bool {
         self.records == 0
@@ -216,7 +263,13 @@ impl BatchBuilder {
         self.records += 1;
     }
     /// Writes the header and padding; returns the header and the batch's length.
-    pub fn finish(&self, buf: &mut [u8], generation: u64, lsn: u64, wal_offset: u64) -> BatchHeader {
+    pub fn finish(
+        &self,
+        buf: &mut [u8],
+        generation: u64,
+        lsn: u64,
+        wal_offset: u64,
+    ) -> BatchHeader {
         let body = &buf[BATCH_HEADER_SIZE..BATCH_HEADER_SIZE + self.body_len];
         let h = BatchHeader {
             generation,
@@ -243,9 +296,15 @@ impl Default for BatchBuilder {
 pub fn decode_body<'a>(h: &BatchHeader, batch: &'a [u8]) -> Result<Vec<Record<'a>>, Error> {
     let body = batch
         .get(BATCH_HEADER_SIZE..BATCH_HEADER_SIZE + h.body_len as usize)
-        .ok_or(Error::Corrupt { what: "wal batch", detail: "body beyond buffer".into() })?;
+        .ok_or(Error::Corrupt {
+            what: "wal batch",
+            detail: "body beyond buffer".into(),
+        })?;
     if crc(body) != h.body_crc {
-        return Err(Error::Corrupt { what: "wal batch", detail: format!("lsn {} body checksum mismatch", h.lsn) });
+        return Err(Error::Corrupt {
+            what: "wal batch",
+            detail: format!("lsn {} body checksum mismatch", h.lsn),
+        });
     }
     let mut r = Reader::new(body, "wal record");
     let mut out = Vec::with_capacity(h.record_count as usize);
@@ -253,7 +312,11 @@ pub fn decode_body<'a>(h: &BatchHeader, batch: &'a [u8]) -> Result<Vec<Record<'a
         out.push(decode_record(&mut r)?);
     }
     if r.remaining() != 0 {
-        return Err(r.corrupt(format!("{} trailing bytes after {} records", r.remaining(), h.record_count)));
+        return Err(r.corrupt(format!(
+            "{} trailing bytes after {} records",
+            r.remaining(),
+            h.record_count
+        )));
     }
     Ok(out)
 }
@@ -269,9 +332,23 @@ mod tests {
         let crcs = [1u32, 2, 3];
         let c = ChunkId { inode: 9, index: 2 };
         let recs = [
-            Record::Write { chunk: c, extent: 4, version: 1, len: 12288, first: 0, crcs: Crcs::Native(&crcs) },
-            Record::Truncate { chunk: c, version: 2, len: 4096 },
-            Record::Delete { chunk: c, version: 3 },
+            Record::Write {
+                chunk: c,
+                extent: 4,
+                version: 1,
+                len: 12288,
+                first: 0,
+                crcs: Crcs::Native(&crcs),
+            },
+            Record::Truncate {
+                chunk: c,
+                version: 2,
+                len: 4096,
+            },
+            Record::Delete {
+                chunk: c,
+                version: 3,
+            },
         ];
         for r in &recs {
             b.push(&mut buf, r);
@@ -282,7 +359,10 @@ mod tests {
         let got = decode_body(&h2, &buf).unwrap();
         assert_eq!(got.len(), 3);
         match &got[0] {
-            Record::Write { crcs, .. } => assert_eq!((0..3).map(|i| crcs.get(i)).collect::<Vec<_>>(), vec![1, 2, 3]),
+            Record::Write { crcs, .. } => assert_eq!(
+                (0..3).map(|i| crcs.get(i)).collect::<Vec<_>>(),
+                vec![1, 2, 3]
+            ),
             other => panic!("{other:?}"),
         }
         assert_eq!(got[1], recs[1]);

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use spool_dataplane::device::mem::{CrashMode, MemDevice, MemHandle};
-use spool_dataplane::store::{self, ChunkId, ChunkInfo, ChunkOp, CoreStore, FormatOptions, Geometry, ShardRequest, BLOCK_SIZE};
+use spool_dataplane::store::{
+    self, ChunkId, ChunkInfo, ChunkOp, CoreStore, FormatOptions, Geometry, ShardRequest, BLOCK_SIZE,
+};
 use spool_dataplane::Error;
 use spool_hugepages::{DmaPool, PagePolicy};
 
@@ -15,9 +17,19 @@ pub const CHUNK: u32 = 64 << 10;
 /// An op of a test workload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Write { chunk: ChunkId, offset: u32, len: u32, fill: u8 },
-    Truncate { chunk: ChunkId, len: u32 },
-    Delete { chunk: ChunkId },
+    Write {
+        chunk: ChunkId,
+        offset: u32,
+        len: u32,
+        fill: u8,
+    },
+    Truncate {
+        chunk: ChunkId,
+        len: u32,
+    },
+    Delete {
+        chunk: ChunkId,
+    },
 }
 
 impl Op {
@@ -31,7 +43,9 @@ impl Op {
 /// Byte pattern of a write: depends on the fill value and the position, so misplaced
 /// blocks are caught.
 pub fn pattern(fill: u8, offset: u32, i: usize) -> u8 {
-    fill.wrapping_mul(31).wrapping_add(((offset as usize + i) / 512) as u8) | 1
+    fill.wrapping_mul(31)
+        .wrapping_add(((offset as usize + i) / 512) as u8)
+        | 1
 }
 
 /// What the store must hold: chunk -> bytes (its length is the chunk's length).
@@ -41,7 +55,12 @@ pub struct Model(pub BTreeMap<ChunkId, Vec<u8>>);
 impl Model {
     pub fn apply(&mut self, op: &Op) {
         match op {
-            Op::Write { chunk, offset, len, fill } => {
+            Op::Write {
+                chunk,
+                offset,
+                len,
+                fill,
+            } => {
                 let v = self.0.entry(*chunk).or_default();
                 let (off, len) = (*offset as usize, *len as usize);
                 // The store zero-pads the last block of a write.
@@ -70,7 +89,12 @@ impl Model {
 }
 
 pub fn geometry_opts() -> FormatOptions {
-    FormatOptions { chunk_size: CHUNK, shards: 1, wal_size: 0, force: false }
+    FormatOptions {
+        chunk_size: CHUNK,
+        shards: 1,
+        wal_size: 0,
+        force: false,
+    }
 }
 
 /// A formatted, flushed device image.
@@ -97,7 +121,13 @@ impl Harness {
         let shards: Vec<u32> = (0..sb.geometry.shard_count).collect();
         let store = CoreStore::open(Box::new(d), &sb.geometry, &shards)?;
         let pool = DmaPool::new("test", CHUNK as usize, 16, PagePolicy::Normal).expect("pool");
-        Ok(Harness { store, mem, pool, next_tag: 1, out: Vec::new() })
+        Ok(Harness {
+            store,
+            mem,
+            pool,
+            next_tag: 1,
+            out: Vec::new(),
+        })
     }
 
     /// Power loss and restart: only what was flushed survives.
@@ -114,7 +144,12 @@ impl Harness {
             let tag = self.next_tag;
             self.next_tag += 1;
             let cop = match op {
-                Op::Write { chunk, offset, len, fill } => {
+                Op::Write {
+                    chunk,
+                    offset,
+                    len,
+                    fill,
+                } => {
                     let mut buf = self.pool.alloc().expect("test pool has room");
                     for (i, b) in buf.as_mut_slice()[..*len as usize].iter_mut().enumerate() {
                         *b = pattern(*fill, *offset, i);
@@ -122,9 +157,17 @@ impl Harness {
                     // Garbage after the data: the store must pad with zeros itself.
                     let cap = buf.capacity();
                     buf.as_mut_slice()[*len as usize..cap].fill(0xee);
-                    ChunkOp::Write { chunk: *chunk, offset: *offset, len: *len, buf }
+                    ChunkOp::Write {
+                        chunk: *chunk,
+                        offset: *offset,
+                        len: *len,
+                        buf,
+                    }
                 }
-                Op::Truncate { chunk, len } => ChunkOp::Truncate { chunk: *chunk, len: *len },
+                Op::Truncate { chunk, len } => ChunkOp::Truncate {
+                    chunk: *chunk,
+                    len: *len,
+                },
                 Op::Delete { chunk } => ChunkOp::Delete { chunk: *chunk },
             };
             let mut req = ShardRequest { tag, op: cop };
@@ -143,11 +186,15 @@ impl Harness {
         for c in self.out.drain(..) {
             res[(c.tag - first) as usize] = Some(c.result);
         }
-        res.into_iter().map(|r| r.expect("every op completes")).collect()
+        res.into_iter()
+            .map(|r| r.expect("every op completes"))
+            .collect()
     }
 
     pub fn run(&mut self, op: &Op) -> Result<ChunkInfo, Error> {
-        self.run_concurrent(std::slice::from_ref(op)).pop().expect("one result")
+        self.run_concurrent(std::slice::from_ref(op))
+            .pop()
+            .expect("one result")
     }
 
     /// Reads a whole chunk: (committed length, bytes up to the chunk size).
@@ -155,7 +202,15 @@ impl Harness {
         let tag = self.next_tag;
         self.next_tag += 1;
         let buf = self.pool.alloc().expect("test pool has room");
-        let req = ShardRequest { tag, op: ChunkOp::Read { chunk, offset: 0, len: CHUNK, buf } };
+        let req = ShardRequest {
+            tag,
+            op: ChunkOp::Read {
+                chunk,
+                offset: 0,
+                len: CHUNK,
+                buf,
+            },
+        };
         if self.store.submit(req, &mut self.out).is_err() {
             panic!("read refused");
         }
@@ -163,14 +218,25 @@ impl Harness {
         let c = self.out.pop().expect("read completes");
         assert!(self.out.is_empty());
         let info = c.result?;
-        Ok((info, c.buf.expect("read returns its buffer").as_slice().to_vec()))
+        Ok((
+            info,
+            c.buf.expect("read returns its buffer").as_slice().to_vec(),
+        ))
     }
 
     pub fn read_range(&mut self, chunk: ChunkId, offset: u32, len: u32) -> Result<Vec<u8>, Error> {
         let tag = self.next_tag;
         self.next_tag += 1;
         let buf = self.pool.alloc().expect("test pool has room");
-        let req = ShardRequest { tag, op: ChunkOp::Read { chunk, offset, len, buf } };
+        let req = ShardRequest {
+            tag,
+            op: ChunkOp::Read {
+                chunk,
+                offset,
+                len,
+                buf,
+            },
+        };
         if self.store.submit(req, &mut self.out).is_err() {
             panic!("read refused");
         }
@@ -190,13 +256,23 @@ impl Harness {
                 return Err(format!("chunk {c}: length {} want {want_len}", info.len));
             }
             if want.is_none() && info.version != 0 {
-                return Err(format!("chunk {c}: exists (version {}) but should not", info.version));
+                return Err(format!(
+                    "chunk {c}: exists (version {}) but should not",
+                    info.version
+                ));
             }
             let mut expect = want.cloned().unwrap_or_default();
             expect.resize(CHUNK as usize, 0);
             if data != expect {
-                let at = data.iter().zip(&expect).position(|(a, b)| a != b).unwrap_or(0);
-                return Err(format!("chunk {c}: byte {at} is {} want {}", data[at], expect[at]));
+                let at = data
+                    .iter()
+                    .zip(&expect)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                return Err(format!(
+                    "chunk {c}: byte {at} is {} want {}",
+                    data[at], expect[at]
+                ));
             }
         }
         Ok(())

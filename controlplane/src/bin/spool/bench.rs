@@ -1,0 +1,353 @@
+//! `spool bench device`: sequential write and read through the dataplane, and fio with
+//! the same block size and queue depth on the same file, in one run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use spool_controlplane::config::size::ByteSize;
+use spool_dataplane::device::uring::{UringDevice, UringOptions};
+use spool_dataplane::device::BlockDevice;
+use spool_dataplane::engine::{Engine, EngineOptions};
+use spool_dataplane::metrics::SCHEMA;
+use spool_dataplane::store::{self, ChunkId, ChunkOp, FormatOptions};
+use spool_hugepages::{DmaPool, PagePolicy};
+use spool_perf::Perf;
+
+#[derive(Debug, clap::Args)]
+pub struct DeviceBench {
+    /// File (created and preallocated if missing) or block device to benchmark. Its
+    /// contents are destroyed.
+    #[arg(long)]
+    pub path: PathBuf,
+    /// Size of the file to create, and the bound of what is written.
+    #[arg(long, default_value = "2GiB")]
+    pub size: ByteSize,
+    /// Bytes per request.
+    #[arg(long, default_value = "1MiB")]
+    pub block_size: ByteSize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 32)]
+    pub queue_depth: usize,
+    /// Dataplane cores.
+    #[arg(long, default_value_t = 1)]
+    pub cores: usize,
+    /// Chunk size of the store.
+    #[arg(long, default_value = "4MiB")]
+    pub chunk_size: ByteSize,
+    /// Skip the fio comparison.
+    #[arg(long)]
+    pub no_fio: bool,
+    /// Also write the table as CSV here.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+struct Row {
+    what: String,
+    bytes: u64,
+    secs: f64,
+    cpu_secs: Option<f64>,
+}
+
+impl Row {
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 / self.secs / 1e9
+    }
+    fn cpu_per_gib(&self) -> Option<f64> {
+        self.cpu_secs
+            .map(|c| c / (self.bytes as f64 / (1u64 << 30) as f64))
+    }
+}
+
+/// CPU seconds this process has used (user + system), from /proc.
+fn process_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn prepare_file(path: &Path, size: u64) -> Result<()> {
+    let meta = std::fs::metadata(path);
+    let is_block = {
+        use std::os::unix::fs::FileTypeExt;
+        meta.as_ref()
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false)
+    };
+    if is_block {
+        return Ok(());
+    }
+    if meta.map(|m| m.len()).unwrap_or(0) < size {
+        // Preallocate so neither side pays for block allocation during the run.
+        let st = Command::new("fallocate")
+            .arg("-l")
+            .arg(size.to_string())
+            .arg(path)
+            .status()
+            .context("running fallocate (util-linux)")?;
+        if !st.success() {
+            bail!("fallocate -l {size} {} failed", path.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn run(b: &DeviceBench) -> Result<()> {
+    let (bs, qd) = (b.block_size.0, b.queue_depth);
+    if bs == 0 || bs % 4096 != 0 || bs > b.chunk_size.0 {
+        bail!("--block-size {bs} must be a multiple of 4096 up to the chunk size");
+    }
+    if qd == 0 || qd > 1024 {
+        bail!("--queue-depth {qd} must be between 1 and 1024");
+    }
+    prepare_file(&b.path, b.size.0)?;
+    let uo = UringOptions {
+        queue_depth: (qd + 16).max(64) as u32,
+        sqpoll: false,
+        iopoll: false,
+    };
+    let fo = FormatOptions {
+        chunk_size: u32::try_from(b.chunk_size.0).context("chunk size")?,
+        shards: b.cores as u32,
+        wal_size: 0,
+        force: true,
+    };
+    let sb = {
+        let mut d = UringDevice::open(&b.path, &uo, &[])?;
+        store::format(&mut d, &fo)?
+    };
+    let g = sb.geometry.clone();
+    // Write 3/4 of the store's capacity, in whole chunks, at most 8 GiB.
+    let chunk = u64::from(g.chunk_size);
+    let total = (g.capacity_bytes() * 3 / 4).min(8 << 30) / chunk * chunk;
+    if total < chunk {
+        bail!("--size is too small for a benchmark");
+    }
+    let pool = DmaPool::new("bench", bs as usize, qd + 2, PagePolicy::PreferHuge)?;
+    let devices = (0..b.cores)
+        .map(|_| {
+            UringDevice::open(&b.path, &uo, std::slice::from_ref(&pool))
+                .map(|d| Box::new(d) as Box<dyn BlockDevice>)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = EngineOptions {
+        cores: b.cores,
+        cpus: None,
+        pin: true,
+        idle_spin_us: 50,
+        idle_park_max_us: 1000,
+        ring_capacity: qd.next_power_of_two().max(64),
+    };
+    let engine = Arc::new(Engine::start(
+        &opts,
+        devices,
+        sb,
+        Arc::clone(&pool),
+        Perf::new(&SCHEMA, b.cores),
+    )?);
+    eprintln!(
+        "bench: {} through the dataplane ({} core(s), {} B requests, queue depth {qd}, chunk {} B), then fio",
+        human(total),
+        b.cores,
+        bs,
+        g.chunk_size
+    );
+    let mut rows = Vec::new();
+    rows.push(pipeline(
+        &engine,
+        "spool write",
+        total,
+        bs,
+        qd,
+        chunk,
+        true,
+    )?);
+    rows.push(pipeline(
+        &engine,
+        "spool read",
+        total,
+        bs,
+        qd,
+        chunk,
+        false,
+    )?);
+    Arc::try_unwrap(engine)
+        .map_err(|_| anyhow::anyhow!("engine still shared"))?
+        .shutdown();
+    if !b.no_fio {
+        rows.push(fio(&b.path, "write", total, bs, qd)?);
+        rows.push(fio(&b.path, "read", total, bs, qd)?);
+    }
+    print_table(&rows, b)?;
+    Ok(())
+}
+
+fn pipeline(
+    engine: &Arc<Engine>,
+    what: &str,
+    total: u64,
+    bs: u64,
+    qd: usize,
+    chunk: u64,
+    write: bool,
+) -> Result<Row> {
+    let mut client = engine.client(qd);
+    let mut out = Vec::with_capacity(qd);
+    let (mut next, mut done) = (0u64, 0u64);
+    let cpu0 = process_cpu_secs();
+    let t0 = Instant::now();
+    while done < total {
+        while next < total && client.in_flight() < qd {
+            let Some(mut buf) = client.buffer() else {
+                break;
+            };
+            let id = ChunkId {
+                inode: 1,
+                index: (next / chunk) as u32,
+            };
+            let offset = (next % chunk) as u32;
+            let len = bs.min(total - next) as u32;
+            let op = if write {
+                let s = buf.as_mut_slice();
+                s[..8].copy_from_slice(&next.to_le_bytes());
+                ChunkOp::Write {
+                    chunk: id,
+                    offset,
+                    len,
+                    buf,
+                }
+            } else {
+                ChunkOp::Read {
+                    chunk: id,
+                    offset,
+                    len,
+                    buf,
+                }
+            };
+            match client.submit(next, op) {
+                Ok(()) => next += u64::from(len),
+                Err(_) => break,
+            }
+        }
+        client.wait(&mut out, Duration::from_secs(30));
+        for c in out.drain(..) {
+            let info = c
+                .result
+                .with_context(|| format!("{what} at byte {}", c.tag))?;
+            if !write {
+                let buf = c.buf.as_ref().expect("reads return their buffer");
+                let stamp = u64::from_le_bytes(buf.as_slice()[..8].try_into().expect("8 bytes"));
+                if stamp != c.tag || info.version == 0 {
+                    bail!("read back wrong data at byte {} (stamp {stamp})", c.tag);
+                }
+            }
+            done += bs.min(total - c.tag);
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu0.zip(process_cpu_secs()).map(|(a, b)| b - a);
+    Ok(Row {
+        what: what.to_owned(),
+        bytes: total,
+        secs,
+        cpu_secs: cpu,
+    })
+}
+
+fn fio(path: &Path, rw: &str, total: u64, bs: u64, qd: usize) -> Result<Row> {
+    let out = Command::new("fio")
+        .args([
+            "--name=spool-bench",
+            "--ioengine=io_uring",
+            "--direct=1",
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--iodepth={qd}"),
+            &format!("--size={total}"),
+            "--end_fsync=1",
+            "--output-format=json",
+        ])
+        .arg(format!("--filename={}", path.display()))
+        .output()
+        .context("running fio (install it: apt-get install fio, or pass --no-fio)")?;
+    if !out.status.success() {
+        bail!("fio {rw} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON output")?;
+    let job = &v["jobs"][0];
+    let side = &job[rw];
+    let bytes = side["io_bytes"].as_u64().context("fio io_bytes")?;
+    let runtime_ms = job["job_runtime"]
+        .as_f64()
+        .or_else(|| side["runtime"].as_f64())
+        .context("fio runtime")?;
+    let cpu = (job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0))
+        / 100.0
+        * runtime_ms
+        / 1000.0;
+    Ok(Row {
+        what: format!("fio {rw}"),
+        bytes,
+        secs: runtime_ms / 1000.0,
+        cpu_secs: Some(cpu),
+    })
+}
+
+fn human(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+fn print_table(rows: &[Row], b: &DeviceBench) -> Result<()> {
+    let fio_of = |what: &str| rows.iter().find(|r| r.what == what).map(Row::gbps);
+    println!(
+        "{:<12} {:>10} {:>9} {:>8} {:>13} {:>9}",
+        "scenario", "bytes", "GB/s", "seconds", "cpu_s_per_GiB", "vs_fio"
+    );
+    let mut csv = String::from("scenario,bytes,gb_per_s,seconds,cpu_s_per_gib,ratio_vs_fio,block_size,queue_depth,cores,host\n");
+    let host = std::fs::read_to_string("/etc/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    for r in rows {
+        let peer = if r.what.starts_with("spool write") {
+            fio_of("fio write")
+        } else if r.what.starts_with("spool read") {
+            fio_of("fio read")
+        } else {
+            None
+        };
+        let ratio = peer.map(|p| r.gbps() / p);
+        println!(
+            "{:<12} {:>10} {:>9.3} {:>8.2} {:>13} {:>9}",
+            r.what,
+            human(r.bytes),
+            r.gbps(),
+            r.secs,
+            r.cpu_per_gib().map_or("-".into(), |c| format!("{c:.3}")),
+            ratio.map_or("-".into(), |x| format!("{x:.2}x"))
+        );
+        csv.push_str(&format!(
+            "{},{},{:.4},{:.3},{},{},{},{},{},{}\n",
+            r.what,
+            r.bytes,
+            r.gbps(),
+            r.secs,
+            r.cpu_per_gib().map_or(String::new(), |c| format!("{c:.4}")),
+            ratio.map_or(String::new(), |x| format!("{x:.3}")),
+            b.block_size.0,
+            b.queue_depth,
+            b.cores,
+            host
+        ));
+    }
+    if let Some(p) = &b.csv {
+        std::fs::write(p, csv).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! `spool`: the daemon and its command-line tools.
+#![forbid(unsafe_code)]
+
+mod bench;
+mod node;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use spool_controlplane::admin;
+use spool_controlplane::config::size::ByteSize;
+use spool_controlplane::config::DEFAULT_ADMIN_SOCKET;
+
+/// Spool: a kernel-bypass distributed NVMe cache for GPU clusters.
+#[derive(Debug, Parser)]
+#[command(name = "spool", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the daemon: the dataplane, the admin socket and metrics.
+    Serve {
+        /// The node's TOML config (see deploy/examples/single-node.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Lay out a Spool store on a file or block device (destroys its contents).
+    Format {
+        /// File or block device.
+        path: PathBuf,
+        /// Create (or grow) a file of this size first.
+        #[arg(long)]
+        size: Option<ByteSize>,
+        /// Bytes per chunk: a power of two from 64KiB to 64MiB.
+        #[arg(long, default_value = "4MiB")]
+        chunk_size: ByteSize,
+        /// Independent shards (each owned by one dataplane core).
+        #[arg(long, default_value_t = 1)]
+        shards: u32,
+        /// Overwrite a device that holds a Spool or another filesystem.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the daemon's state: device, shards, cores, capacity.
+    Status {
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Performance counters.
+    Perf {
+        #[command(subcommand)]
+        cmd: PerfCmd,
+    },
+    /// The running configuration.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Change the daemon's log level (error, warn, info, debug, trace or a filter).
+    LogLevel {
+        level: String,
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Benchmarks against the machine's limits.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PerfCmd {
+    /// All counters and latency histograms as JSON.
+    Dump {
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// The daemon's effective configuration as JSON.
+    Show {
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Sequential write and read through the dataplane vs fio on the same file.
+    Device(bench::DeviceBench),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("spool: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn ask(socket: &std::path::Path, req: Value) -> Result<Value> {
+    Ok(admin::request_blocking(socket, &req)?)
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Serve { config } => node::serve(&config),
+        Cmd::Format {
+            path,
+            size,
+            chunk_size,
+            shards,
+            force,
+        } => {
+            let sb = node::format_path(&path, size.map(|s| s.0), chunk_size.0, shards, force)?;
+            let g = &sb.geometry;
+            println!(
+                "formatted {}: {} shard(s) x {} chunks of {} bytes ({:.2} GiB of chunk space), uuid {}",
+                path.display(),
+                g.shard_count,
+                g.extents_per_shard,
+                g.chunk_size,
+                g.capacity_bytes() as f64 / (1u64 << 30) as f64,
+                uuid::Uuid::from_bytes(sb.uuid)
+            );
+            Ok(())
+        }
+        Cmd::Status { socket, json } => {
+            let v = ask(&socket, json!({"cmd": "status"}))?;
+            if json {
+                print_json(&v);
+            } else {
+                print_status(&v);
+            }
+            Ok(())
+        }
+        Cmd::Perf {
+            cmd: PerfCmd::Dump { socket },
+        } => {
+            print_json(&ask(&socket, json!({"cmd": "perf dump"}))?);
+            Ok(())
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Show { socket },
+        } => {
+            print_json(&ask(&socket, json!({"cmd": "config show"}))?);
+            Ok(())
+        }
+        Cmd::LogLevel { level, socket } => {
+            ask(&socket, json!({"cmd": "log level", "level": level}))?;
+            println!("log level set to {level}");
+            Ok(())
+        }
+        Cmd::Bench {
+            cmd: BenchCmd::Device(b),
+        } => bench::run(&b),
+    }
+}
+
+fn print_status(v: &Value) {
+    let gib = |b: &Value| b.as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+    let e = &v["engine"];
+    println!("node      {}", v["node"].as_str().unwrap_or("?"));
+    println!("uptime    {} s", v["uptime_s"]);
+    println!(
+        "device    {} {} ({:.2} GiB, format v{}, uuid {})",
+        e["device"]["backend"].as_str().unwrap_or("?"),
+        e["device"]["name"].as_str().unwrap_or("?"),
+        gib(&e["device"]["size_bytes"]),
+        e["device"]["format_version"],
+        e["device"]["uuid"].as_str().unwrap_or("?")
+    );
+    println!(
+        "store     {} shard(s), chunk {} B, {} chunks, {:.2} of {:.2} GiB used",
+        e["geometry"]["shards"],
+        e["geometry"]["chunk_size"],
+        e["chunks"],
+        gib(&e["used_bytes"]),
+        gib(&e["capacity_bytes"])
+    );
+    println!(
+        "buffers   {} free of {} ({})",
+        e["dma_buffers_free"],
+        e["dma_buffers"],
+        if e["dma_hugepages"].as_bool() == Some(true) {
+            "hugepages"
+        } else {
+            "ordinary pages"
+        }
+    );
+    for c in e["cores"].as_array().into_iter().flatten() {
+        let failures = c["failures"].as_array().map(|f| f.len()).unwrap_or(0);
+        println!(
+            "core {}    cpu {} ({}), shards {}, {} ops in flight{}",
+            c["core"],
+            c["cpu"],
+            c["pinned_by"].as_str().unwrap_or("unpinned"),
+            c["shards"],
+            c["busy_ops"],
+            if failures > 0 {
+                format!(", {failures} FAILED shard(s): {}", c["failures"])
+            } else {
+                String::new()
+            }
+        );
+    }
+}

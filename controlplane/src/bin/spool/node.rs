@@ -1,0 +1,285 @@
+//! Bringing a node up from its config: the device (created and formatted when new),
+//! the DMA pool, the dataplane engine, the admin socket and metrics; and taking it down
+//! cleanly on SIGTERM or SIGINT.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use spool_controlplane::admin::{AdminServer, AdminTarget};
+use spool_controlplane::config::{Config, DeviceBackend, HugepagePolicy};
+use spool_controlplane::logging::{self, LogHandle};
+use spool_controlplane::{metrics, shutdown};
+use spool_dataplane::device::mem::MemDevice;
+use spool_dataplane::device::uring::{UringDevice, UringOptions};
+use spool_dataplane::device::BlockDevice;
+use spool_dataplane::engine::{Engine, EngineOptions};
+use spool_dataplane::metrics::SCHEMA;
+use spool_dataplane::store::{self, FormatOptions, Superblock};
+use spool_dataplane::Error as DpError;
+use spool_hugepages::{DmaPool, PagePolicy};
+use spool_perf::Perf;
+
+/// Creates `path` as a file of `size` bytes when asked (or when missing), then formats.
+pub fn format_path(
+    path: &Path,
+    size: Option<u64>,
+    chunk_size: u64,
+    shards: u32,
+    force: bool,
+) -> Result<Superblock> {
+    if let Some(size) = size {
+        create_file(path, size)?;
+    } else if !path.exists() {
+        bail!(
+            "{} does not exist; pass --size to create a file-backed device",
+            path.display()
+        );
+    }
+    let uo = UringOptions {
+        queue_depth: 16,
+        sqpoll: false,
+        iopoll: false,
+    };
+    let mut dev = UringDevice::open(path, &uo, &[])?;
+    let opts = FormatOptions {
+        chunk_size: u32::try_from(chunk_size).context("chunk size")?,
+        shards,
+        wal_size: 0,
+        force,
+    };
+    Ok(store::format(&mut dev, &opts)?)
+}
+
+fn create_file(path: &Path, size: u64) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    if f.metadata()?.len() < size {
+        f.set_len(size)
+            .with_context(|| format!("sizing {} to {size} bytes", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The running node, as the admin socket sees it.
+struct Node {
+    config: Config,
+    engine: Arc<Engine>,
+    log: LogHandle,
+    started: Instant,
+}
+
+impl AdminTarget for Node {
+    fn status(&self) -> Value {
+        json!({
+            "node": self.config.node.name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "log_level": self.log.level(),
+            "engine": self.engine.status(),
+        })
+    }
+    fn perf_dump(&self) -> Value {
+        serde_json::to_value(self.engine.perf().snapshot())
+            .unwrap_or_else(|e| json!({"error": e.to_string()}))
+    }
+    fn config_show(&self) -> Value {
+        serde_json::to_value(&self.config).unwrap_or_else(|e| json!({"error": e.to_string()}))
+    }
+    fn set_log_level(&self, level: &str) -> Result<(), String> {
+        self.log.set_level(level).map_err(|e| e.to_string())
+    }
+}
+
+fn page_policy(p: HugepagePolicy) -> PagePolicy {
+    match p {
+        HugepagePolicy::Prefer => PagePolicy::PreferHuge,
+        HugepagePolicy::Require => PagePolicy::RequireHuge,
+        HugepagePolicy::Off => PagePolicy::Normal,
+    }
+}
+
+/// Opens one device queue per core, formatting a new device first when configured.
+fn open_devices(
+    cfg: &Config,
+    pool: &Arc<DmaPool>,
+) -> Result<(Vec<Box<dyn BlockDevice>>, Superblock)> {
+    let d = &cfg.device;
+    let cores = cfg.dataplane.cores;
+    let fo = FormatOptions {
+        chunk_size: u32::try_from(d.chunk_size.0).context("device.chunk_size")?,
+        shards: cfg.effective_shards(),
+        wal_size: 0,
+        force: false,
+    };
+    match d.backend {
+        DeviceBackend::Mem => {
+            let size = d.size.map(|s| s.0).unwrap_or(256 << 20);
+            let mut first = MemDevice::new(size, d.queue_depth as usize);
+            let sb = store::format(&mut first, &fo)?;
+            let mut devs: Vec<Box<dyn BlockDevice>> = (1..cores)
+                .map(|_| Box::new(first.another_queue()) as Box<dyn BlockDevice>)
+                .collect();
+            devs.insert(0, Box::new(first));
+            tracing::warn!(
+                "device.backend = \"mem\": data lives in memory and is lost at exit (tests only)"
+            );
+            Ok((devs, sb))
+        }
+        DeviceBackend::Uring => {
+            let path = d
+                .path
+                .as_deref()
+                .context("device.path is required for the uring backend")?;
+            let uo = UringOptions {
+                queue_depth: d.queue_depth,
+                sqpoll: d.sqpoll,
+                iopoll: d.iopoll,
+            };
+            let is_new = !path.exists();
+            if is_new {
+                let (true, Some(size)) = (d.format_if_new, d.size) else {
+                    bail!("device.path {} does not exist; set device.size and device.format_if_new = true to create it, or run `spool format`", path.display());
+                };
+                create_file(path, size.0)?;
+            }
+            let sb = {
+                let mut probe = UringDevice::open(
+                    path,
+                    &UringOptions {
+                        queue_depth: 16,
+                        sqpoll: false,
+                        iopoll: false,
+                    },
+                    &[],
+                )?;
+                match store::read_superblock(&mut probe) {
+                    Ok(sb) => sb,
+                    Err(DpError::NotSpool(why))
+                        if is_new || (d.format_if_new && probe_is_blank(&mut probe)?) =>
+                    {
+                        tracing::info!(path = %path.display(), reason = %why, "formatting new device");
+                        store::format(&mut probe, &fo)?
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+                }
+            };
+            let devs = (0..cores)
+                .map(|_| {
+                    UringDevice::open(path, &uo, std::slice::from_ref(pool))
+                        .map(|d| Box::new(d) as Box<dyn BlockDevice>)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((devs, sb))
+        }
+    }
+}
+
+/// A device whose first 128 KiB are zero holds nothing to lose.
+fn probe_is_blank(dev: &mut UringDevice) -> Result<bool> {
+    let pool = DmaPool::new("probe", 128 << 10, 1, PagePolicy::Normal)?;
+    let buf = pool.alloc().expect("fresh pool");
+    let len = (128u64 << 10).min(dev.info().size_bytes / 4096 * 4096) as u32;
+    let req = spool_dataplane::device::IoRequest {
+        tag: 0,
+        kind: spool_dataplane::device::IoKind::Read,
+        offset: 0,
+        len,
+        buf: Some(buf),
+    };
+    let (r, buf) = spool_dataplane::device::run_sync(dev, req);
+    r?;
+    Ok(buf.expect("buffer").as_slice()[..len as usize]
+        .iter()
+        .all(|&b| b == 0))
+}
+
+pub fn serve(config_path: &Path) -> Result<()> {
+    let cfg = Config::load(config_path)?;
+    let log = logging::init(&cfg.log)?;
+    tracing::info!(config = %config_path.display(), node = %cfg.node.name, "spool starting");
+    let buffers = cfg.hugepages.buffers;
+    let pool = DmaPool::new(
+        "data",
+        cfg.dataplane.io_size_max.0 as usize,
+        buffers,
+        page_policy(cfg.hugepages.policy),
+    )?;
+    let (devices, sb) = open_devices(&cfg, &pool)?;
+    let dp = &cfg.dataplane;
+    let opts = EngineOptions {
+        cores: dp.cores,
+        cpus: dp.cpus.clone(),
+        pin: dp.pin,
+        idle_spin_us: dp.idle_spin_us,
+        idle_park_max_us: dp.idle_park_max_us,
+        ring_capacity: dp.ring_capacity,
+    };
+    let perf = Perf::new(&SCHEMA, dp.cores);
+    let engine = Arc::new(Engine::start(&opts, devices, sb, pool, perf)?);
+    let status = engine.status();
+    tracing::info!(
+        device = %status.device.name,
+        capacity_bytes = status.capacity_bytes,
+        chunks = status.chunks,
+        cores = dp.cores,
+        "dataplane running"
+    );
+    let node = Arc::new(Node {
+        config: cfg.clone(),
+        engine: Arc::clone(&engine),
+        log,
+        started: Instant::now(),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("spool-ctl")
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    rt.block_on(async {
+        let (stop_tx, stop_rx) = shutdown::channel();
+        let admin = AdminServer::bind(&cfg.admin.socket, node.clone() as Arc<dyn AdminTarget>).await?;
+        let admin_task = tokio::spawn(admin.run(stop_rx.clone()));
+        let metrics_task = match cfg.metrics.listen {
+            Some(addr) => {
+                let perf = Arc::clone(engine.perf());
+                let render = move || perf.snapshot().to_prometheus("spool_");
+                let server = metrics::MetricsServer::bind(addr, Arc::new(render)).await?;
+                Some(tokio::spawn(server.run(stop_rx.clone())))
+            }
+            None => None,
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            r = tokio::signal::ctrl_c() => { r.context("SIGINT handler")?; tracing::info!("SIGINT: shutting down") }
+        }
+        stop_tx.send_replace(true);
+        if let Err(e) = admin_task.await {
+            tracing::warn!(error = %e, "admin server task");
+        }
+        if let Some(t) = metrics_task {
+            if let Err(e) = t.await {
+                tracing::warn!(error = %e, "metrics server task");
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    drop(node);
+    match Arc::try_unwrap(engine) {
+        Ok(e) => e.shutdown(),
+        Err(_) => tracing::warn!("engine still referenced at exit; dropping"),
+    }
+    tracing::info!("spool stopped");
+    Ok(())
+}

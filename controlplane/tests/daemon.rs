@@ -1,0 +1,200 @@
+//! The `spool` binary as a real process: it starts on a file-backed device, serves the
+//! admin socket with mode 0600, reports counters, stops on SIGTERM, and refuses a bad
+//! config with a message naming the key.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SPOOL: &str = env!("CARGO_BIN_EXE_spool");
+
+fn spool(args: &[&str]) -> std::process::Output {
+    Command::new(SPOOL).args(args).output().expect("run spool")
+}
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let cfg = dir.join("spool.toml");
+    let text = format!(
+        "[device]\npath = \"{d}/dev.img\"\nsize = \"256MiB\"\nchunk_size = \"1MiB\"\n\
+         [dataplane]\ncores = 1\nidle_spin_us = 10\n\
+         [admin]\nsocket = \"{d}/admin.sock\"\n{extra}",
+        d = dir.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(cfg: &Path, socket: &Path) -> Daemon {
+    let child = Command::new(SPOOL)
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn spool serve");
+    let d = Daemon(child);
+    let t0 = Instant::now();
+    while !socket.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "admin socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d
+}
+
+fn stop(mut d: Daemon) {
+    let pid = d.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = d.0.try_wait().unwrap() {
+            assert!(st.success(), "spool serve exited with {st} after SIGTERM");
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "spool serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn daemon_serves_admin_socket_and_counters_then_stops() {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let sock = dir.path().join("admin.sock");
+    let metrics_port = 20000 + (std::process::id() % 20000) as u16;
+    let cfg = write_config(
+        dir.path(),
+        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    );
+    let d = start(&cfg, &sock);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "admin socket mode");
+    let s = sock.to_str().unwrap();
+
+    let out = spool(&["status", "--socket", s, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["engine"]["device"]["backend"], "uring");
+    assert_eq!(v["engine"]["geometry"]["chunk_size"], 1 << 20);
+    assert_eq!(v["engine"]["cores"].as_array().unwrap().len(), 1);
+
+    let out = spool(&["perf", "dump", "--socket", s]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for c in [
+        "chunk_write_ops",
+        "chunk_read_ops",
+        "chunk_write_bytes",
+        "chunk_read_errors",
+    ] {
+        assert!(v["counters"][c].is_u64(), "counter {c} in perf dump: {v}");
+    }
+    assert!(v["histograms"]["chunk_write_latency_ns"].is_object());
+
+    let out = spool(&["config", "show", "--socket", s]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["dataplane"]["cores"], 1);
+
+    let out = spool(&["log-level", "debug", "--socket", s]);
+    assert!(out.status.success());
+    let out = spool(&["log-level", "no-such-level!!", "--socket", s]);
+    assert!(!out.status.success(), "a bad level is refused");
+
+    // Prometheus text over HTTP.
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("spool_chunk_write_ops_total"), "{body}");
+
+    // Malformed requests get an error reply and the daemon keeps serving.
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    c.write_all(b"{not json\n").unwrap();
+    let mut reply = [0u8; 4096];
+    let n = c.read(&mut reply).unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&reply[..n]).unwrap();
+    assert_eq!(r["ok"], false);
+    assert!(spool(&["status", "--socket", s]).status.success());
+
+    stop(d);
+    assert!(!sock.exists(), "socket removed at shutdown");
+
+    // A restart finds the formatted device and serves again.
+    let d = start(&cfg, &sock);
+    assert!(spool(&["status", "--socket", s]).status.success());
+    stop(d);
+}
+
+#[test]
+fn bad_config_is_refused_with_the_key_named() {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    for (extra, key) in [
+        ("[hugepages]\nbuffers = 0\n", "hugepages.buffers"),
+        ("[log]\nlevell = \"x\"\n", "levell"),
+    ] {
+        let cfg = write_config(dir.path(), extra);
+        let out = Command::new(SPOOL)
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "error for {key} must name it: {err}");
+    }
+    let cfg = write_config(dir.path(), "[dataplane]\ncores = 0\n");
+    let out = Command::new(SPOOL)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn format_refuses_an_occupied_device_without_force() {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let img = dir.path().join("d.img");
+    let p = img.to_str().unwrap();
+    let out = spool(&["format", p, "--size", "64MiB", "--chunk-size", "1MiB"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = spool(&["format", p]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert!(spool(&["format", p, "--force"]).status.success());
+    let out = spool(&[
+        "status",
+        "--socket",
+        &dir.path().join("none.sock").to_string_lossy(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is spool serve running"));
+}

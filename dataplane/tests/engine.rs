@@ -1,0 +1,237 @@
+//! The polled engine end to end: several cores, several client threads, data checked
+//! byte for byte, on the mem device and on io_uring over a file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spool_dataplane::device::mem::MemDevice;
+use spool_dataplane::device::uring::{UringDevice, UringOptions};
+use spool_dataplane::device::BlockDevice;
+use spool_dataplane::engine::{Engine, EngineOptions};
+use spool_dataplane::metrics::SCHEMA;
+use spool_dataplane::store::{self, ChunkId, ChunkOp, FormatOptions};
+use spool_hugepages::{DmaPool, PagePolicy};
+use spool_perf::Perf;
+
+fn opts(cores: usize) -> EngineOptions {
+    EngineOptions {
+        cores,
+        cpus: None,
+        pin: true,
+        idle_spin_us: 20,
+        idle_park_max_us: 500,
+        ring_capacity: 64,
+    }
+}
+
+fn fill(chunk: ChunkId, off: u32, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (chunk.inode as u8).wrapping_mul(7)
+            ^ chunk.index as u8
+            ^ ((off as usize + i) / 4096) as u8;
+    }
+}
+
+/// Writes every chunk of 4 files from 2 client threads (pipelined), reads them back.
+fn exercise(engine: &Arc<Engine>) {
+    let cs = engine.geometry().chunk_size;
+    let io = 64 << 10;
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let engine = Arc::clone(engine);
+            std::thread::spawn(move || {
+                let mut client = engine.client(16);
+                let mut out = Vec::new();
+                let mut todo: Vec<(ChunkId, u32)> = (0..2u64)
+                    .flat_map(|f| {
+                        (0..3u32).map(move |i| ChunkId {
+                            inode: 10 * t + f + 1,
+                            index: i,
+                        })
+                    })
+                    .flat_map(|c| (0..cs / io).map(move |k| (c, k * io)))
+                    .collect();
+                let total = todo.len();
+                let mut acked = 0;
+                while acked < total {
+                    while let Some(&(chunk, offset)) = todo.last() {
+                        let Some(mut buf) = client.buffer() else {
+                            break;
+                        };
+                        fill(chunk, offset, &mut buf.as_mut_slice()[..io as usize]);
+                        match client.submit(
+                            0,
+                            ChunkOp::Write {
+                                chunk,
+                                offset,
+                                len: io,
+                                buf,
+                            },
+                        ) {
+                            Ok(()) => {
+                                todo.pop();
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    client.wait(&mut out, Duration::from_secs(10));
+                    for c in out.drain(..) {
+                        c.result.expect("write acknowledged");
+                        acked += 1;
+                    }
+                }
+                for f in 0..2u64 {
+                    for i in 0..3u32 {
+                        let chunk = ChunkId {
+                            inode: 10 * t + f + 1,
+                            index: i,
+                        };
+                        for k in 0..cs / io {
+                            let buf = client.buffer().expect("buffer");
+                            let (info, buf) = client
+                                .call(ChunkOp::Read {
+                                    chunk,
+                                    offset: k * io,
+                                    len: io,
+                                    buf,
+                                })
+                                .expect("read");
+                            assert_eq!(info.len, cs);
+                            let mut want = vec![0u8; io as usize];
+                            fill(chunk, k * io, &mut want);
+                            assert_eq!(
+                                &buf.expect("buffer").as_slice()[..io as usize],
+                                &want[..],
+                                "{chunk} at {}",
+                                k * io
+                            );
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    // Counters saw every op.
+    std::thread::sleep(Duration::from_millis(150));
+    let snap = engine.perf().snapshot();
+    let per_thread = 6 * u64::from(cs / io);
+    assert_eq!(snap.counters["chunk_write_ops"], 2 * per_thread);
+    assert_eq!(snap.counters["chunk_read_ops"], 2 * per_thread);
+    assert_eq!(snap.counters["chunk_write_errors"], 0);
+    let st = engine.status();
+    assert_eq!(st.chunks, 12);
+    assert_eq!(st.cores.len(), engine.status().cores.len());
+}
+
+#[test]
+fn two_cores_on_mem_device() {
+    let fo = FormatOptions {
+        chunk_size: 256 << 10,
+        shards: 4,
+        wal_size: 0,
+        force: false,
+    };
+    let mut dev = MemDevice::new(64 << 20, 64);
+    let sb = store::format(&mut dev, &fo).unwrap();
+    let second = dev.another_queue();
+    let pool = DmaPool::new("data", 64 << 10, 64, PagePolicy::PreferHuge).unwrap();
+    let perf = Perf::new(&SCHEMA, 2);
+    let devices: Vec<Box<dyn BlockDevice>> = vec![Box::new(dev), Box::new(second)];
+    let engine = Arc::new(Engine::start(&opts(2), devices, sb, pool, perf).unwrap());
+    exercise(&engine);
+    let st = engine.status();
+    assert_eq!(st.cores.len(), 2);
+    assert_eq!(st.cores[0].shards, vec![0, 2]);
+    Arc::try_unwrap(engine).expect("sole owner").shutdown();
+}
+
+#[test]
+fn one_core_on_uring_file_survives_restart() {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let path = dir.path().join("dev.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let uo = UringOptions {
+        queue_depth: 64,
+        sqpoll: false,
+        iopoll: false,
+    };
+    let fo = FormatOptions {
+        chunk_size: 256 << 10,
+        shards: 1,
+        wal_size: 0,
+        force: false,
+    };
+    let sb = {
+        let mut d = UringDevice::open(&path, &uo, &[]).unwrap();
+        store::format(&mut d, &fo).unwrap()
+    };
+    for round in 0..2 {
+        let pool = DmaPool::new("data", 64 << 10, 64, PagePolicy::PreferHuge).unwrap();
+        let dev = UringDevice::open(&path, &uo, std::slice::from_ref(&pool)).unwrap();
+        let sb2 = {
+            let mut d = UringDevice::open(&path, &uo, &[]).unwrap();
+            store::read_superblock(&mut d).unwrap()
+        };
+        assert_eq!(sb2, sb);
+        let engine = Arc::new(
+            Engine::start(
+                &opts(1),
+                vec![Box::new(dev)],
+                sb2,
+                pool,
+                Perf::new(&SCHEMA, 1),
+            )
+            .unwrap(),
+        );
+        if round == 0 {
+            exercise(&engine);
+        } else {
+            // After a restart the data is still there.
+            let mut client = engine.client(1);
+            let chunk = ChunkId { inode: 1, index: 2 };
+            let buf = client.buffer().unwrap();
+            let (info, buf) = client
+                .call(ChunkOp::Read {
+                    chunk,
+                    offset: 0,
+                    len: 4096,
+                    buf,
+                })
+                .unwrap();
+            assert_eq!(info.len, 256 << 10);
+            let mut want = vec![0u8; 4096];
+            fill(chunk, 0, &mut want);
+            assert_eq!(&buf.unwrap().as_slice()[..4096], &want[..]);
+        }
+        Arc::try_unwrap(engine).expect("sole owner").shutdown();
+    }
+}
+
+#[test]
+fn more_cores_than_shards_is_refused() {
+    let fo = FormatOptions {
+        chunk_size: 256 << 10,
+        shards: 1,
+        wal_size: 0,
+        force: false,
+    };
+    let mut dev = MemDevice::new(16 << 20, 64);
+    let sb = store::format(&mut dev, &fo).unwrap();
+    let second = dev.another_queue();
+    let pool = DmaPool::new("data", 64 << 10, 4, PagePolicy::Normal).unwrap();
+    let err = Engine::start(
+        &opts(2),
+        vec![Box::new(dev), Box::new(second)],
+        sb,
+        pool,
+        Perf::new(&SCHEMA, 2),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("shard"), "{err}");
+}
