@@ -22,7 +22,8 @@ use spool_perf::Perf;
 use crate::device::{BlockDevice, DeviceInfo};
 use crate::metrics as m;
 use crate::store::{
-    ChunkInfo, ChunkOp, CoreStore, Geometry, ShardCompletion, ShardRequest, ShardStats, Superblock,
+    verify_read, ChunkInfo, ChunkOp, CoreStore, Geometry, ReadCheck, ShardCompletion, ShardRequest,
+    ShardStats, Superblock,
 };
 use crate::Error;
 
@@ -357,9 +358,14 @@ impl Client {
         if self.engine.stop.load(Ordering::Acquire) {
             return Err((Error::Shutdown, op));
         }
+        let op = seal_write(op);
         let core = &self.engine.cores[self.engine.core_of(&op)];
         let sub = Submission {
-            req: ShardRequest { tag, op },
+            req: ShardRequest {
+                tag,
+                op,
+                read_check: ReadCheck::ByReceiver,
+            },
             reply: Arc::clone(&self.reply),
         };
         if let Err(sub) = core.ring.push(sub) {
@@ -372,10 +378,15 @@ impl Client {
         Ok(())
     }
 
-    /// Takes finished requests without waiting.
+    /// Takes finished requests without waiting. Reads are verified here, on the
+    /// client's thread: a block whose crc does not match makes the read an
+    /// `Error::BadChecksum`, so no caller ever sees unverified bytes.
     pub fn poll(&mut self, out: &mut Vec<ShardCompletion>) -> usize {
         let mut n = 0;
-        while let Some(c) = self.reply.done.pop() {
+        while let Some(mut c) = self.reply.done.pop() {
+            if verify_read(&mut c) {
+                self.engine.perf.global().inc(m::C_READ_ERRORS);
+            }
             out.push(c);
             n += 1;
         }
@@ -433,12 +444,40 @@ impl Client {
     }
 }
 
+/// Checksums a write's blocks on the submitting thread, so the dataplane core does
+/// not have to (it trusts a seal only while the buffer is unmodified; an op that does
+/// not fit its buffer is left for the store to refuse).
+fn seal_write(op: ChunkOp) -> ChunkOp {
+    match op {
+        ChunkOp::Write {
+            chunk,
+            offset,
+            len,
+            mut buf,
+        } => {
+            let padded = (len as usize).div_ceil(crate::store::BLOCK_SIZE as usize)
+                * crate::store::BLOCK_SIZE as usize;
+            if buf.sealed_len() != Some(len as usize) && padded <= buf.capacity() {
+                buf.seal(len as usize, crc32c::crc32c);
+            }
+            ChunkOp::Write {
+                chunk,
+                offset,
+                len,
+                buf,
+            }
+        }
+        other => other,
+    }
+}
+
 /// A core's loop state.
 #[derive(Debug)]
 struct CoreLoop {
     index: usize,
     idle_spin: Duration,
     park_max: Duration,
+    io_wait_max: Duration,
 }
 
 /// Where a request came from, by the core's internal tag.
@@ -457,6 +496,7 @@ impl CoreLoop {
             index,
             idle_spin: Duration::from_micros(opts.idle_spin_us),
             park_max: Duration::from_micros(opts.idle_park_max_us.max(1)),
+            io_wait_max: Duration::from_micros(opts.idle_park_max_us.clamp(1, 200)),
         }
     }
 
@@ -490,6 +530,7 @@ impl CoreLoop {
                 let req = ShardRequest {
                     tag: internal,
                     op: sub.req.op,
+                    read_check: sub.req.read_check,
                 };
                 match store.submit(req, &mut out) {
                     Ok(()) => {
@@ -503,6 +544,7 @@ impl CoreLoop {
                             req: ShardRequest {
                                 tag: origin.tag,
                                 op: back.op,
+                                read_check: back.read_check,
                             },
                             reply: origin.reply,
                         });
@@ -529,6 +571,7 @@ impl CoreLoop {
                     tag: o.tag,
                     result: c.result,
                     buf: c.buf,
+                    unverified: c.unverified,
                 });
             }
             let now = Instant::now();
@@ -545,13 +588,19 @@ impl CoreLoop {
                     st.parks = parks.load(Ordering::Relaxed);
                 }
             }
-            if work > 0 || store.busy() > 0 || pending.is_some() {
-                if work > 0 {
-                    last_work = now;
-                    park = Duration::from_micros(10);
-                }
-                if store.busy() > 0 && work == 0 {
+            if work > 0 {
+                last_work = now;
+                park = Duration::from_micros(10);
+                continue;
+            }
+            if store.busy() > 0 {
+                // I/O in flight and nothing else to do: spin for the spin budget, then
+                // wait in the kernel for a completion, bounded so that new requests on
+                // the ring are picked up within `io_wait_max`.
+                if now.duration_since(last_work) < self.idle_spin {
                     std::hint::spin_loop();
+                } else {
+                    store.wait_io(self.io_wait_max);
                 }
                 continue;
             }

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::conformance::run_conformance;
+use spool_dataplane::device::mem::MemDevice;
 use spool_dataplane::device::uring::{UringDevice, UringOptions};
 use spool_dataplane::device::BlockDevice;
 use spool_dataplane::Error;
@@ -52,6 +53,16 @@ fn run_uring(path: &Path, sqpoll: bool, register: bool) {
     assert_eq!(dev.info().size_bytes, SIZE);
     assert_eq!(dev.info().backend, "uring");
     assert_eq!(dev.registered_buffers(), register);
+    assert_eq!(dev.queue_depth_max(), QUEUE_DEPTH as usize);
+    run_conformance(&mut dev, &pool);
+}
+
+/// The in-memory test device, executing each poll's batch in a shuffled order.
+#[test]
+fn mem_device_reordering() {
+    let pool = pool();
+    let mut dev = MemDevice::new(8 << 20, QUEUE_DEPTH as usize).with_reorder(3);
+    assert_eq!(dev.info().backend, "mem");
     assert_eq!(dev.queue_depth_max(), QUEUE_DEPTH as usize);
     run_conformance(&mut dev, &pool);
 }

@@ -182,7 +182,7 @@ impl Uring {
         len: u32,
         buf: DmaBuf,
     ) -> Result<(), (Error, DmaBuf)> {
-        self.push_rw(false, tag, offset, len, buf)
+        self.push_rw(Rw::Read, tag, offset, len, buf)
     }
 
     /// Queues a write of the first `len` bytes of `buf` at `offset`.
@@ -193,12 +193,24 @@ impl Uring {
         len: u32,
         buf: DmaBuf,
     ) -> Result<(), (Error, DmaBuf)> {
-        self.push_rw(true, tag, offset, len, buf)
+        self.push_rw(Rw::Write, tag, offset, len, buf)
+    }
+
+    /// A write that completes only once durable (`RWF_DSYNC`: FUA on a device with a
+    /// volatile cache, plus whatever file metadata is needed to read it back).
+    pub fn push_write_dsync(
+        &mut self,
+        tag: u64,
+        offset: u64,
+        len: u32,
+        buf: DmaBuf,
+    ) -> Result<(), (Error, DmaBuf)> {
+        self.push_rw(Rw::WriteDsync, tag, offset, len, buf)
     }
 
     fn push_rw(
         &mut self,
-        write: bool,
+        rw: Rw,
         tag: u64,
         offset: u64,
         len: u32,
@@ -223,15 +235,24 @@ impl Uring {
         };
         let fd = types::Fd(self.file.as_raw_fd());
         let addr = buf.as_mut_slice().as_mut_ptr();
-        let entry = match (self.fixed_index(&buf, len), write) {
-            (Some(i), false) => opcode::ReadFixed::new(fd, addr, len, i)
+        let dsync = if rw == Rw::WriteDsync {
+            libc::RWF_DSYNC
+        } else {
+            0
+        };
+        let entry = match (self.fixed_index(&buf, len), rw) {
+            (Some(i), Rw::Read) => opcode::ReadFixed::new(fd, addr, len, i)
                 .offset(offset)
                 .build(),
-            (Some(i), true) => opcode::WriteFixed::new(fd, addr, len, i)
+            (Some(i), _) => opcode::WriteFixed::new(fd, addr, len, i)
                 .offset(offset)
+                .rw_flags(dsync)
                 .build(),
-            (None, false) => opcode::Read::new(fd, addr, len).offset(offset).build(),
-            (None, true) => opcode::Write::new(fd, addr, len).offset(offset).build(),
+            (None, Rw::Read) => opcode::Read::new(fd, addr, len).offset(offset).build(),
+            (None, _) => opcode::Write::new(fd, addr, len)
+                .offset(offset)
+                .rw_flags(dsync)
+                .build(),
         };
         self.slots[slot as usize] = Slot {
             tag,
@@ -312,6 +333,34 @@ impl Uring {
             Err(e) if transient(&e) => Ok(0),
             Err(source) => Err(Error::Os {
                 what: "io_uring_enter",
+                source,
+            }),
+        }
+    }
+
+    /// Blocks in the kernel until at least one operation completes or `timeout` passes,
+    /// submitting anything queued on the way. Returns at once when nothing is in flight
+    /// or a completion is already waiting. This is the interrupt-completion mode for
+    /// devices without polled queues: a core waits here instead of spinning on the
+    /// completion ring (on a VM, a spinning vCPU slows the emulated device it waits
+    /// for). Kernels without `IORING_FEAT_EXT_ARG` (before 5.11) sleep for `timeout`.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> Result<(), Error> {
+        // Polled queues complete only when reaped: never block on them.
+        if self.iopoll || self.in_flight() == 0 || !self.ring.completion().is_empty() {
+            return Ok(());
+        }
+        if !self.ring.params().is_feature_ext_arg() {
+            self.submit()?;
+            std::thread::sleep(timeout);
+            return Ok(());
+        }
+        let ts = io_uring::types::Timespec::from(timeout);
+        let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e) if transient(&e) || e.raw_os_error() == Some(libc::ETIME) => Ok(()),
+            Err(source) => Err(Error::Os {
+                what: "io_uring_enter (wait)",
                 source,
             }),
         }
@@ -415,6 +464,14 @@ fn chunk_len(region_len: usize, buf_size: usize) -> Option<usize> {
     }
     let chunk = REG_LEN_MAX / buf_size * buf_size;
     (chunk > 0).then_some(chunk)
+}
+
+/// What `push_rw` queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rw {
+    Read,
+    Write,
+    WriteDsync,
 }
 
 #[cfg(test)]

@@ -17,6 +17,9 @@
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+/// Bytes covered by one sidecar checksum.
+pub const SIDECAR_BLOCK: usize = 4096;
 use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
@@ -88,6 +91,10 @@ pub struct DmaPool {
     count: usize,
     huge: bool,
     free: ArrayQueue<u32>,
+    /// One checksum per 4 KiB block of every buffer (`buf_size / 4096` per buffer), so
+    /// whoever fills a buffer can checksum it on its own thread and hand the result to
+    /// the dataplane with the buffer. Only a buffer's owner touches its part.
+    sidecar: Box<[AtomicU32]>,
 }
 
 // SAFETY: the pool owns its mapping for its whole life; the raw base pointer is only
@@ -160,7 +167,11 @@ impl DmaPool {
             let pushed = free.push(i as u32);
             assert!(pushed.is_ok(), "free queue sized to count");
         }
+        let sidecar = (0..count * (buf_size / SIDECAR_BLOCK))
+            .map(|_| AtomicU32::new(0))
+            .collect();
         Ok(Arc::new(DmaPool {
+            sidecar,
             name: name.to_owned(),
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
             base,
@@ -180,6 +191,7 @@ impl DmaPool {
             pool: Arc::clone(self),
             index,
             len: self.buf_size,
+            sealed_len: None,
         })
     }
 
@@ -235,6 +247,9 @@ pub struct DmaBuf {
     index: u32,
     /// The usable length: `buf_size` unless narrowed with `set_len`.
     len: usize,
+    /// `Some(n)`: the first `n` bytes were sealed (tail block zero-padded, sidecar
+    /// checksums computed) and not mutated since.
+    sealed_len: Option<usize>,
 }
 
 impl DmaBuf {
@@ -262,8 +277,48 @@ impl DmaBuf {
         // len <= buf_size, and this handle is the only one for this index.
         unsafe { std::slice::from_raw_parts(self.pool.buf_ptr(self.index), self.len) }
     }
+    /// Zero-pads the bytes after `len` up to a 4 KiB boundary and stores `crc` of each
+    /// 4 KiB block of the first `len` bytes in the sidecar. Until the next mutable
+    /// access, `sealed_len()` is `Some(len)` and `block_crc` returns those checksums.
+    pub fn seal(&mut self, len: usize, crc: impl Fn(&[u8]) -> u32) {
+        let padded = len.div_ceil(SIDECAR_BLOCK) * SIDECAR_BLOCK;
+        assert!(
+            padded <= self.capacity(),
+            "seal({len}) beyond capacity {}",
+            self.capacity()
+        );
+        self.set_len(self.capacity());
+        self.as_mut_slice()[len..padded].fill(0);
+        let base = self.index as usize * (self.pool.buf_size / SIDECAR_BLOCK);
+        for (i, block) in self.as_slice()[..padded].chunks(SIDECAR_BLOCK).enumerate() {
+            self.pool.sidecar[base + i].store(crc(block), Ordering::Relaxed);
+        }
+        self.sealed_len = Some(len);
+    }
+
+    /// The length this buffer was sealed for, if it has not been mutated since.
+    pub fn sealed_len(&self) -> Option<usize> {
+        self.sealed_len
+    }
+
+    /// The sealed checksum of block `i` (meaningful only while `sealed_len` is `Some`).
+    pub fn block_crc(&self, i: usize) -> u32 {
+        let per = self.pool.buf_size / SIDECAR_BLOCK;
+        assert!(i < per, "sidecar block {i} out of range");
+        self.pool.sidecar[self.index as usize * per + i].load(Ordering::Relaxed)
+    }
+
+    /// Records the checksum block `i` is expected to have (a read's producer fills
+    /// these for the consumer to verify). Does not seal the buffer.
+    pub fn set_block_crc(&mut self, i: usize, crc: u32) {
+        let per = self.pool.buf_size / SIDECAR_BLOCK;
+        assert!(i < per, "sidecar block {i} out of range");
+        self.pool.sidecar[self.index as usize * per + i].store(crc, Ordering::Relaxed);
+    }
+
+    /// Mutable access to the bytes; invalidates a seal.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in as_slice, and &mut self makes the access exclusive.
+        self.sealed_len = None; // SAFETY: as in as_slice, and &mut self makes the access exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.pool.buf_ptr(self.index), self.len) }
     }
     /// Virtual address of the first byte, for handing to a device.
@@ -374,6 +429,26 @@ mod tests {
             DmaPool::new("t", 4096, 0, PagePolicy::Normal),
             Err(Error::BadCount { .. })
         ));
+    }
+
+    #[test]
+    fn seal_pads_checksums_and_is_invalidated_by_mutation() {
+        let pool = DmaPool::new("t", 3 * SIDECAR_BLOCK, 2, PagePolicy::Normal).unwrap();
+        let mut b = pool.alloc().unwrap();
+        b.as_mut_slice().fill(0xff);
+        let sum = |d: &[u8]| d.iter().map(|&x| u32::from(x)).sum::<u32>();
+        b.seal(5000, sum);
+        assert_eq!(b.sealed_len(), Some(5000));
+        assert!(
+            b.as_slice()[5000..8192].iter().all(|&x| x == 0),
+            "tail block zero-padded"
+        );
+        assert_eq!(b.block_crc(0), 255 * 4096);
+        assert_eq!(b.block_crc(1), 255 * (5000 - 4096));
+        let other = pool.alloc().unwrap();
+        assert_ne!(other.index(), b.index());
+        b.as_mut_slice()[0] = 1;
+        assert_eq!(b.sealed_len(), None, "mutation invalidates the seal");
     }
 
     #[test]

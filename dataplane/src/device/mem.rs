@@ -40,6 +40,10 @@ pub enum CrashMode {
 struct Unflushed {
     offset: usize,
     data: Vec<u8>,
+    /// A durable write: already in the durable image, kept in this list only so that
+    /// a crash image replays writes in their order (an older unflushed write to the
+    /// same range must not resurface over it).
+    durable: bool,
 }
 
 #[derive(Debug)]
@@ -94,6 +98,10 @@ impl MemHandle {
             _ => None,
         };
         for w in &st.unflushed {
+            if w.durable {
+                img[w.offset..w.offset + w.data.len()].copy_from_slice(&w.data);
+                continue;
+            }
             match mode {
                 CrashMode::DropUnflushed => {}
                 CrashMode::KeepUnflushed => {
@@ -213,6 +221,22 @@ impl MemDevice {
         st.mutating_ops += 1;
         if st.crash_at_op == Some(st.mutating_ops) {
             st.dead = true;
+            // A write in progress at the crash may reach the media whole, in part or
+            // not at all: it joins the unflushed writes the crash image decides on.
+            if matches!(req.kind, IoKind::Write | IoKind::WriteDurable) {
+                let (off, len) = (req.offset as usize, req.len as usize);
+                let data = req
+                    .buf
+                    .as_ref()
+                    .expect("validated: write has a buffer")
+                    .as_slice()[..len]
+                    .to_vec();
+                st.unflushed.push(Unflushed {
+                    offset: off,
+                    data,
+                    durable: false,
+                });
+            }
             return Err(Error::Io { errno: EIO });
         }
         if let Some((n, errno)) = st.fail_op {
@@ -222,17 +246,22 @@ impl MemDevice {
             }
         }
         match req.kind {
-            IoKind::Write => {
+            IoKind::Write | IoKind::WriteDurable => {
                 let (off, len) = (req.offset as usize, req.len as usize);
+                let durable = req.kind == IoKind::WriteDurable;
                 let data = &req
                     .buf
                     .as_ref()
                     .expect("validated: write has a buffer")
                     .as_slice()[..len];
                 st.current[off..off + len].copy_from_slice(data);
+                if durable {
+                    st.durable[off..off + len].copy_from_slice(data);
+                }
                 st.unflushed.push(Unflushed {
                     offset: off,
                     data: data.to_vec(),
+                    durable,
                 });
             }
             IoKind::Flush => {

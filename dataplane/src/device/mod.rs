@@ -17,6 +17,9 @@ use crate::Error;
 pub enum IoKind {
     Read,
     Write,
+    /// A write that completes only once it is durable (FUA on NVMe, RWF_DSYNC on a
+    /// file): no flush needed after it.
+    WriteDurable,
     /// Make every write completed before this flush was submitted durable.
     Flush,
 }
@@ -73,6 +76,13 @@ pub trait BlockDevice: Send + std::fmt::Debug {
     /// keeps with capacity for `queue_depth_max` entries, so this never allocates).
     /// Returns how many completions were appended. Never blocks.
     fn poll(&mut self, done: &mut Vec<IoCompletion>) -> usize;
+
+    /// Waits up to `timeout` for a completion when requests are in flight, so a core
+    /// with nothing else to do need not spin (interrupt-completion mode). Devices
+    /// whose completions must be polled return at once.
+    fn wait(&mut self, timeout: std::time::Duration) {
+        let _ = timeout;
+    }
 }
 
 /// Checks the rules every backend enforces, so a bad request is an error and never
@@ -81,7 +91,7 @@ pub fn validate(info: &DeviceInfo, req: &IoRequest) -> Result<(), Error> {
     let bs = u64::from(info.block_size);
     match req.kind {
         IoKind::Flush => Ok(()),
-        IoKind::Read | IoKind::Write => {
+        IoKind::Read | IoKind::Write | IoKind::WriteDurable => {
             let Some(buf) = req.buf.as_ref() else {
                 return Err(Error::BadRequest("read/write without a buffer".into()));
             };

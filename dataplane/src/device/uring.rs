@@ -150,10 +150,12 @@ impl BlockDevice for UringDevice {
                     len: req.len,
                     flush_buf: None,
                 };
-                let pushed = if kind == IoKind::Read {
-                    self.ring.push_read(tag, req.offset, req.len, buf)
-                } else {
-                    self.ring.push_write(tag, req.offset, req.len, buf)
+                let pushed = match kind {
+                    IoKind::Read => self.ring.push_read(tag, req.offset, req.len, buf),
+                    IoKind::WriteDurable => {
+                        self.ring.push_write_dsync(tag, req.offset, req.len, buf)
+                    }
+                    _ => self.ring.push_write(tag, req.offset, req.len, buf),
                 };
                 pushed.map_err(|(e, buf)| {
                     req.buf = Some(buf);
@@ -168,6 +170,15 @@ impl BlockDevice for UringDevice {
             return Err((e, req));
         }
         Ok(())
+    }
+
+    fn wait(&mut self, timeout: std::time::Duration) {
+        if let Err(e) = self.ring.wait(timeout) {
+            if !self.submit_error_logged {
+                self.submit_error_logged = true;
+                tracing::error!(device = %self.info.name, error = %e, "io_uring wait failed");
+            }
+        }
     }
 
     fn poll(&mut self, done: &mut Vec<IoCompletion>) -> usize {

@@ -32,6 +32,9 @@ pub const SNAP_HEADER_SIZE: usize = 64;
 /// Where everything is on a formatted device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Geometry {
+    /// Identifies this format of the device (from the superblock uuid); WAL batches
+    /// and snapshots carry it. 0 until formatted.
+    pub store_id: u64,
     pub device_size: u64,
     pub chunk_size: u32,
     pub shard_count: u32,
@@ -85,6 +88,7 @@ impl Geometry {
         let extents = u32::try_from(extents)
             .map_err(|_| bad("too many chunks per shard; use more shards".into()))?;
         let g = Geometry {
+            store_id: 0,
             device_size,
             chunk_size,
             shard_count,
@@ -131,11 +135,17 @@ impl Geometry {
                 >= snapshot_slot_size(u64::from(self.extents_per_shard), self.chunk_size),
             "snapshot slot too small",
         )?;
+        // Checked arithmetic: a corrupt superblock may hold any values, and every
+        // offset computed later must then fit (they are sums bounded by this one).
         let used = self
-            .extents_base(0)
-            .checked_add(u64::from(self.extents_per_shard) * u64::from(self.chunk_size));
+            .snapshot_slot_size
+            .checked_mul(2)
+            .and_then(|x| x.checked_add(self.wal_size))
+            .and_then(|x| {
+                x.checked_add(u64::from(self.extents_per_shard) * u64::from(self.chunk_size))
+            });
         c(
-            used.is_some_and(|u| u <= DATA_START + self.shard_size),
+            used.is_some_and(|u| u <= self.shard_size),
             "extents overflow the shard",
         )?;
         let end = u64::from(self.shard_count)
@@ -174,6 +184,11 @@ impl Geometry {
     pub fn capacity_bytes(&self) -> u64 {
         u64::from(self.shard_count) * u64::from(self.extents_per_shard) * u64::from(self.chunk_size)
     }
+}
+
+/// The store id a superblock uuid gives (its first 8 bytes).
+pub fn store_id_of(uuid: &[u8; 16]) -> u64 {
+    u64::from_le_bytes(uuid[..8].try_into().expect("8 bytes"))
 }
 
 /// The largest snapshot of a shard with `extents` chunks.
@@ -258,6 +273,7 @@ impl Superblock {
             return Err(r.corrupt(format!("block size {block_size}, expected {BLOCK_SIZE}")));
         }
         let geometry = Geometry {
+            store_id: store_id_of(&uuid),
             device_size,
             chunk_size: r.u32()?,
             shard_count: r.u32()?,

@@ -46,6 +46,8 @@ enum ExtentState {
 #[derive(Debug)]
 pub struct ShardIndex {
     shard: u32,
+    /// The store's id (see `BatchHeader::store_id`); snapshots carry and check it.
+    store_id: u64,
     extents: u32,
     blocks_per_chunk: u32,
     words_per_extent: usize,
@@ -65,6 +67,7 @@ impl ShardIndex {
         map.reserve(extents as usize);
         ShardIndex {
             shard,
+            store_id: 0,
             extents,
             blocks_per_chunk: bpc,
             words_per_extent: words,
@@ -78,6 +81,11 @@ impl ShardIndex {
         }
     }
 
+    /// Binds this index's snapshots to a store (builder style).
+    pub fn with_store_id(mut self, store_id: u64) -> Self {
+        self.store_id = store_id;
+        self
+    }
     pub fn blocks_per_chunk(&self) -> u32 {
         self.blocks_per_chunk
     }
@@ -225,6 +233,10 @@ impl ShardIndex {
                 crcs,
             } => {
                 let n = crcs.len() as u64;
+                if version == 0 {
+                    // Version 0 means "never committed": a record cannot carry it.
+                    return Err(self.corrupt(format!("write {chunk} with version 0")));
+                }
                 if extent >= self.extents
                     || len > chunk_size
                     || u64::from(first) + n > u64::from(self.blocks_per_chunk)
@@ -375,30 +387,32 @@ impl ShardIndex {
         let body_crc = crc(&out[SNAP_HEADER_SIZE..]);
         let mut w = Writer::new(&mut out[..SNAP_HEADER_SIZE]);
         w.bytes(SNAP_MAGIC);
+        w.u64(self.store_id);
         w.u64(generation);
         w.u32(self.shard);
         w.u32(count);
         w.u64(body_len);
         w.u32(body_crc);
-        let hc = crc(&out[..36]);
-        out[36..40].copy_from_slice(&hc.to_le_bytes());
+        let hc = crc(&out[..44]);
+        out[44..48].copy_from_slice(&hc.to_le_bytes());
     }
 
     /// Reads a snapshot header: `(generation, body_len)`, or `None` when the slot holds
-    /// no valid snapshot of this shard.
+    /// no valid snapshot of this shard of this store.
     pub fn snapshot_header(&self, buf: &[u8]) -> Option<(u64, u64)> {
         if buf.len() < SNAP_HEADER_SIZE || &buf[..8] != SNAP_MAGIC {
             return None;
         }
-        if u32::from_le_bytes(buf[36..40].try_into().ok()?) != crc(&buf[..36]) {
+        if u32::from_le_bytes(buf[44..48].try_into().ok()?) != crc(&buf[..44]) {
             return None;
         }
-        let mut r = Reader::new(&buf[8..36], "snapshot header");
+        let mut r = Reader::new(&buf[8..44], "snapshot header");
+        let store_id = r.u64().ok()?;
         let generation = r.u64().ok()?;
         let shard = r.u32().ok()?;
         let _count = r.u32().ok()?;
         let body_len = r.u64().ok()?;
-        (shard == self.shard).then_some((generation, body_len))
+        (shard == self.shard && store_id == self.store_id).then_some((generation, body_len))
     }
 
     /// Loads a whole snapshot (header and body) into this empty index.
@@ -407,14 +421,15 @@ impl ShardIndex {
         let (generation, body_len) = self
             .snapshot_header(buf)
             .ok_or_else(|| self.corrupt("snapshot header invalid".into()))?;
-        let mut r = Reader::new(&buf[8..36], "snapshot header");
-        r.bytes(12)?;
+        let mut r = Reader::new(&buf[8..44], "snapshot header");
+        r.bytes(20)?;
         let count = r.u32()?;
         r.u64()?;
         let body_crc = r.u32()?;
         let body = usize::try_from(body_len)
             .ok()
-            .and_then(|l| buf.get(SNAP_HEADER_SIZE..SNAP_HEADER_SIZE + l))
+            .and_then(|l| l.checked_add(SNAP_HEADER_SIZE))
+            .and_then(|end| buf.get(SNAP_HEADER_SIZE..end))
             .ok_or_else(|| {
                 self.corrupt(format!("snapshot body of {body_len} bytes beyond its slot"))
             })?;

@@ -105,6 +105,21 @@ impl ChunkOp {
 pub struct ShardRequest {
     pub tag: u64,
     pub op: ChunkOp,
+    /// Where a read's block checksums are verified.
+    pub read_check: ReadCheck,
+}
+
+/// Where a read's checksums are verified. Verifying costs about as much CPU as the
+/// read's memory bandwidth; on the client's thread it runs in parallel with other
+/// clients and keeps the dataplane core free to keep the device busy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadCheck {
+    /// The shard verifies before completing (direct users of the store).
+    OnCore,
+    /// The shard writes the expected crc of every block into the buffer's sidecar and
+    /// the completion says so (`ShardCompletion::unverified`); the receiver must call
+    /// `verify_read` before using the data. The engine's `Client` does.
+    ByReceiver,
 }
 
 /// A chunk's committed length and version after the op (version 0: no such chunk).
@@ -119,6 +134,48 @@ pub struct ShardCompletion {
     pub tag: u64,
     pub result: Result<ChunkInfo, Error>,
     pub buf: Option<DmaBuf>,
+    /// A read whose checksums are still to be verified: (chunk, first block, blocks).
+    pub unverified: Option<(ChunkId, u32, u32)>,
+}
+
+/// Verifies a read completed with `ReadCheck::ByReceiver`: every block of the buffer
+/// against the crc the shard put in its sidecar. A mismatch turns the result into
+/// `Error::BadChecksum`. Returns whether a mismatch was found.
+pub fn verify_read(c: &mut ShardCompletion) -> bool {
+    let Some((chunk, first, n)) = c.unverified.take() else {
+        return false;
+    };
+    if c.result.is_err() {
+        return false;
+    }
+    let Some(buf) = c.buf.as_mut() else {
+        return false;
+    };
+    let bs = BLOCK_SIZE as usize;
+    let len = buf.len();
+    buf.set_len(buf.capacity());
+    let mut bad = None;
+    for k in 0..n as usize {
+        let computed = crc32c::crc32c(&buf.as_slice()[k * bs..(k + 1) * bs]);
+        let stored = buf.block_crc(k);
+        if computed != stored {
+            bad = Some(Error::BadChecksum {
+                chunk: chunk.to_string(),
+                block: first + k as u32,
+                stored,
+                computed,
+            });
+            break;
+        }
+    }
+    buf.set_len(len);
+    match bad {
+        Some(e) => {
+            c.result = Err(e);
+            true
+        }
+        None => false,
+    }
 }
 
 /// Counters a shard keeps (read by the control plane, never on the hot path).
@@ -191,7 +248,7 @@ pub fn read_superblock(dev: &mut dyn BlockDevice) -> Result<Superblock, Error> {
 /// unless `force`.
 pub fn format(dev: &mut dyn BlockDevice, opts: &FormatOptions) -> Result<Superblock, Error> {
     let size = dev.info().size_bytes;
-    let geometry = Geometry::compute(size, opts.chunk_size, opts.shards, opts.wal_size)?;
+    let mut geometry = Geometry::compute(size, opts.chunk_size, opts.shards, opts.wal_size)?;
     if !opts.force {
         let probe_len = (128u64 << 10).min(size / 4096 * 4096) as usize;
         let buf = one_block(probe_len)?;
@@ -212,9 +269,11 @@ pub fn format(dev: &mut dyn BlockDevice, opts: &FormatOptions) -> Result<Superbl
             return Err(Error::Occupied(what.to_owned()));
         }
     }
+    let uuid = *uuid::Uuid::new_v4().as_bytes();
+    geometry.store_id = format::store_id_of(&uuid);
     let sb = Superblock {
         version: FORMAT_VERSION,
-        uuid: *uuid::Uuid::new_v4().as_bytes(),
+        uuid,
         created_unix_s: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -240,7 +299,8 @@ pub fn format(dev: &mut dyn BlockDevice, opts: &FormatOptions) -> Result<Superbl
         };
     // Shards first, superblock last: a device is a Spool only once all of it is laid out.
     for shard in 0..geometry.shard_count {
-        let empty = index::ShardIndex::new(shard, 2, geometry.chunk_size);
+        let empty =
+            index::ShardIndex::new(shard, 2, geometry.chunk_size).with_store_id(geometry.store_id);
         let mut image = Vec::new();
         empty.encode_snapshot(1, &mut image);
         // Generation g lives in slot g % 2: the empty generation 1 in slot 1.
@@ -353,6 +413,7 @@ impl CoreStore {
                 tag: req.tag,
                 result: Err(e),
                 buf: req.op.into_buf(),
+                unverified: None,
             });
             return Ok(());
         };
@@ -377,6 +438,12 @@ impl CoreStore {
             }
         }
         n + (out.len() - before)
+    }
+
+    /// Lets the device block for up to `timeout` waiting for a completion (see
+    /// `BlockDevice::wait`).
+    pub fn wait_io(&mut self, timeout: std::time::Duration) {
+        self.dev.wait(timeout);
     }
 
     /// Ops accepted and not yet completed, across shards.

@@ -9,10 +9,10 @@
 //!   extent.
 //!
 //! Either way the write becomes visible only through a WAL record, so an update is
-//! atomic. Commit is grouped: one flush covers every data write completed before it,
-//! then one WAL batch carries all their records, then a flush makes the batch durable
-//! and the records are applied and the writes acknowledged. A single flush in flight at
-//! a time serves both purposes (the batch's flush also covers the next group's data).
+//! atomic. Data and WAL batches are written as durable writes (FUA / RWF_DSYNC), so a
+//! completion means durable and no flush round-trip is needed. Commit is grouped: one
+//! WAL batch carries the records of every write whose data is durable; when the batch
+//! completes, its records are applied and the writes acknowledged.
 //!
 //! Ordering rules (checked at admission, so nothing locks):
 //! - writes to overlapping blocks of a chunk, and truncate/delete, run one at a time in
@@ -36,24 +36,23 @@ use super::index::ShardIndex;
 use super::wal::{
     decode_body, BatchBuilder, BatchHeader, Crcs, Record, BATCH_HEADER_SIZE, BATCH_MAX,
 };
-use super::{ChunkId, ChunkInfo, ChunkOp, ShardCompletion, ShardRequest, ShardStats};
+use super::{ChunkId, ChunkInfo, ChunkOp, ReadCheck, ShardCompletion, ShardRequest, ShardStats};
 use crate::device::{run_sync, BlockDevice, IoCompletion, IoKind, IoRequest};
 use crate::Error;
 
 /// Size of one snapshot write; snapshots are streamed through buffers of this size.
 const SNAP_PIECE: usize = 1 << 20;
 const SNAP_PIECES_IN_FLIGHT: usize = 4;
-/// Device ops a shard may have outstanding besides its op slots: one flush, one WAL
-/// write, the snapshot pieces and the snapshot flush.
-pub const SHARD_EXTRA_IOS: usize = 2 + SNAP_PIECES_IN_FLIGHT + 1;
+/// Device ops a shard may have outstanding besides its op slots: one WAL write and
+/// the snapshot pieces.
+pub const SHARD_EXTRA_IOS: usize = 1 + SNAP_PIECES_IN_FLIGHT;
 
 // Device tags: [shard local id: 16][kind: 8][index: 40].
 const K_DATA: u64 = 1;
 const K_COW_READ: u64 = 2;
-const K_FLUSH: u64 = 3;
+
 const K_WAL: u64 = 4;
 const K_SNAP: u64 = 5;
-const K_SNAP_FLUSH: u64 = 6;
 
 pub fn tag_shard(tag: u64) -> usize {
     (tag >> 48) as usize
@@ -66,9 +65,6 @@ enum Stage {
     Deferred,
     CowReading,
     DataWriting,
-    /// Data written; waiting for a flush to make it durable.
-    DataDone,
-    DataFlushing,
     /// Data durable; waiting for a WAL batch.
     ReadyForWal,
     InWal,
@@ -107,6 +103,9 @@ struct Slot {
     info: ChunkInfo,
     version: u64,
     new_len: u32,
+    read_check: ReadCheck,
+    /// Set when a read completes with its verification left to the receiver.
+    unverified: bool,
 }
 
 impl Slot {
@@ -130,6 +129,8 @@ impl Slot {
             info: ChunkInfo { len: 0, version: 0 },
             version: 0,
             new_len: 0,
+            read_check: ReadCheck::OnCore,
+            unverified: false,
         }
     }
     fn blocks(&self) -> std::ops::Range<u32> {
@@ -144,8 +145,6 @@ impl Slot {
 enum WalState {
     Idle,
     Writing,
-    Written,
-    Flushing,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,7 +153,6 @@ enum SnapState {
     /// Wanted; starts once no WAL batch is in flight.
     Pending,
     Writing,
-    Flushing,
 }
 
 /// One shard; see the module docs.
@@ -171,7 +169,6 @@ pub struct Shard {
     rescan: bool,
     order: Vec<u32>,
 
-    flush_in_flight: bool,
     wal_state: WalState,
     wal_buf: Option<DmaBuf>,
     wal_batch: Vec<u32>,
@@ -187,6 +184,8 @@ pub struct Shard {
     scratch_pool: Arc<DmaPool>,
     failed: Option<String>,
     stats: ShardStats,
+    /// crc32c of a 4 KiB block of zeros (what a hole reads as).
+    zero_block_crc: u32,
 }
 
 impl Shard {
@@ -221,14 +220,15 @@ impl Shard {
             id,
             local,
             geo: geo.clone(),
-            index: ShardIndex::new(id, geo.extents_per_shard, geo.chunk_size),
+            index: ShardIndex::new(id, geo.extents_per_shard, geo.chunk_size)
+                .with_store_id(geo.store_id),
             slots: (0..slots_max).map(|_| Slot::new(bpc)).collect(),
             free_slots: (0..slots_max as u32).rev().collect(),
             next_seq: 0,
             deferred: 0,
             rescan: false,
             order: Vec::with_capacity(slots_max),
-            flush_in_flight: false,
+
             wal_state: WalState::Idle,
             wal_buf: meta_pool.alloc(),
             wal_batch: Vec::with_capacity(slots_max),
@@ -243,6 +243,7 @@ impl Shard {
             scratch_pool,
             failed: None,
             stats: ShardStats::default(),
+            zero_block_crc: crc(&[0u8; BLOCK_SIZE as usize]),
         };
         let replayed = shard.recover(dev)?;
         if replayed > 0 {
@@ -348,7 +349,8 @@ impl Shard {
                 total,
                 &mut image,
             )?;
-            let mut ix = ShardIndex::new(self.id, self.geo.extents_per_shard, self.geo.chunk_size);
+            let mut ix = ShardIndex::new(self.id, self.geo.extents_per_shard, self.geo.chunk_size)
+                .with_store_id(self.geo.store_id);
             match ix.load_snapshot(&image) {
                 Ok(g) => {
                     assert_eq!(g, generation);
@@ -380,7 +382,8 @@ impl Shard {
             let Some(h) = BatchHeader::decode(&batch) else {
                 break;
             };
-            if h.generation != generation
+            if h.store_id != self.geo.store_id
+                || h.generation != generation
                 || h.lsn != lsn
                 || h.wal_offset != pos as u64
                 || pos + h.total_len() > wal_size
@@ -401,10 +404,67 @@ impl Shard {
             pos += h.total_len();
             lsn += 1;
         }
+        self.check_log_end(dev, &pool, generation, pos, lsn)?;
         self.wal_pos = pos as u64;
         self.wal_lsn = lsn;
         self.stats.replayed_batches = lsn;
         Ok(lsn)
+    }
+
+    /// Replay stopped at `end`. Batches are written one at a time and a generation's
+    /// log only after its snapshot is durable, so the only batch that may legitimately
+    /// be damaged is the one in flight at a crash: the last. A valid batch of this
+    /// generation with a later lsn further on, or any batch of a newer generation,
+    /// means acknowledged records were lost (media damage, or a newest snapshot that no
+    /// longer reads): that is reported, never silently truncated.
+    fn check_log_end(
+        &self,
+        dev: &mut dyn BlockDevice,
+        pool: &Arc<DmaPool>,
+        generation: u64,
+        end: usize,
+        lsn: u64,
+    ) -> Result<(), Error> {
+        let wal_size = self.geo.wal_size as usize;
+        if end >= wal_size {
+            return Ok(());
+        }
+        let mut rest = Vec::new();
+        Self::read_region(
+            dev,
+            pool,
+            self.geo.wal_base(self.id) + end as u64,
+            wal_size - end,
+            &mut rest,
+        )?;
+        for off in (0..rest.len()).step_by(4096) {
+            let Some(h) =
+                BatchHeader::decode(&rest[off..]).filter(|h| h.store_id == self.geo.store_id)
+            else {
+                continue;
+            };
+            let at = end + off;
+            if h.generation > generation && h.wal_offset == at as u64 {
+                return Err(Error::Corrupt {
+                    what: "shard",
+                    detail: format!(
+                        "shard {}: the newest snapshot (generation {}) is unreadable and the log already continues \
+                         from it (batch at WAL offset {at}); acknowledged writes cannot be rebuilt from generation {generation}",
+                        self.id, h.generation
+                    ),
+                });
+            }
+            if h.generation == generation && h.lsn > lsn && h.wal_offset == at as u64 {
+                return Err(Error::Corrupt {
+                    what: "shard",
+                    detail: format!(
+                        "shard {}: WAL batch {lsn} at offset {end} is damaged but batch {} at offset {at} was written after it",
+                        self.id, h.lsn
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Writes a snapshot of the committed state and restarts the WAL (start-up only).
@@ -445,6 +505,7 @@ impl Shard {
                 tag: req.tag,
                 result: Err(e),
                 buf,
+                unverified: None,
             });
             return Ok(());
         }
@@ -454,6 +515,7 @@ impl Shard {
                 tag: req.tag,
                 result: Ok(info),
                 buf: None,
+                unverified: None,
             });
             return Ok(());
         }
@@ -465,6 +527,7 @@ impl Shard {
                     tag: req.tag,
                     result: Err(e),
                     buf: req.op.into_buf(),
+                    unverified: None,
                 });
                 return Ok(());
             }
@@ -478,6 +541,8 @@ impl Shard {
         assert_eq!(s.stage, Stage::Free);
         s.seq = seq;
         s.tag = req.tag;
+        s.read_check = req.read_check;
+        s.unverified = false;
         s.cow = false;
         s.scratch = None;
         match req.op {
@@ -731,14 +796,17 @@ impl Shard {
         let s = &mut self.slots[i];
         s.extent = extent;
         s.cow = cow;
-        // Zero the tail of the last block and checksum the new blocks.
+        // The tail of the last block is zero and each block has its crc: done by the
+        // submitter when it sealed the buffer (off this core), else here.
         let len = s.len as usize;
         let padded = len.div_ceil(bs) * bs;
         let buf = s.buf.as_mut().expect("write has a buffer");
+        if buf.sealed_len() != Some(len) {
+            buf.seal(len, crc);
+        }
         buf.set_len(buf.capacity());
-        buf.as_mut_slice()[len..padded].fill(0);
         for k in 0..s.nblocks as usize {
-            s.crcs[k] = crc(&buf.as_slice()[k * bs..(k + 1) * bs]);
+            s.crcs[k] = buf.block_crc(k);
         }
         if cow {
             // Read the whole committed chunk; the merge happens when it arrives.
@@ -763,7 +831,7 @@ impl Shard {
             s.stage = Stage::DataWriting;
             let req = IoRequest {
                 tag: u64::from(self.local) << 48 | K_DATA << 40 | i as u64,
-                kind: IoKind::Write,
+                kind: IoKind::WriteDurable,
                 offset: base + u64::from(s.offset),
                 len: padded as u32,
                 buf: s.buf.take(),
@@ -819,17 +887,17 @@ impl Shard {
                     s.buf = c.buf;
                 }
                 match c.result {
-                    Ok(()) => s.stage = Stage::DataDone,
+                    Ok(()) => s.stage = Stage::ReadyForWal,
                     Err(e) => self.fail_op(idx, e, out),
                 }
             }
             K_COW_READ => self.cow_read_done(dev, idx, c, out),
-            K_FLUSH => self.flush_done(c.result, out),
+
             K_WAL => {
                 assert_eq!(self.wal_state, WalState::Writing);
                 self.wal_buf = c.buf;
                 match c.result {
-                    Ok(()) => self.wal_state = WalState::Written,
+                    Ok(()) => self.commit_batch(out),
                     Err(e) => {
                         self.wal_state = WalState::Idle;
                         self.fail_shard(format!("WAL write failed: {e}"), out);
@@ -843,16 +911,6 @@ impl Shard {
                     self.fail_shard(format!("snapshot write failed: {e}"), out);
                 }
             }
-            K_SNAP_FLUSH => match c.result {
-                Ok(()) => {
-                    self.generation += 1;
-                    self.wal_pos = 0;
-                    self.wal_lsn = 0;
-                    self.snap_state = SnapState::Idle;
-                    self.stats.snapshots += 1;
-                }
-                Err(e) => self.fail_shard(format!("snapshot flush failed: {e}"), out),
-            },
             other => panic!("device completion with unknown kind {other}"),
         }
         self.rescan = true;
@@ -871,20 +929,30 @@ impl Shard {
         }
         let bs = BLOCK_SIZE as usize;
         let mut bad = None;
-        {
-            let data = buf.as_mut_slice();
-            for k in 0..s.nblocks as usize {
-                let block = &mut data[k * bs..(k + 1) * bs];
-                if s.present[k / 64] >> (k % 64) & 1 == 1 {
-                    let got = crc(block);
-                    if got != s.crcs[k] && bad.is_none() {
-                        bad = Some((s.first_block + k as u32, s.crcs[k], got));
-                    }
-                } else {
-                    block.fill(0);
+        let by_receiver = s.read_check == ReadCheck::ByReceiver;
+        buf.set_len(buf.capacity());
+        for k in 0..s.nblocks as usize {
+            let present = s.present[k / 64] >> (k % 64) & 1 == 1;
+            if !present {
+                buf.as_mut_slice()[k * bs..(k + 1) * bs].fill(0);
+            }
+            if by_receiver {
+                buf.set_block_crc(
+                    k,
+                    if present {
+                        s.crcs[k]
+                    } else {
+                        self.zero_block_crc
+                    },
+                );
+            } else if present {
+                let got = crc(&buf.as_slice()[k * bs..(k + 1) * bs]);
+                if got != s.crcs[k] && bad.is_none() {
+                    bad = Some((s.first_block + k as u32, s.crcs[k], got));
                 }
             }
         }
+        s.unverified = by_receiver;
         buf.set_len(s.len as usize);
         s.buf = Some(buf);
         let info = s.info;
@@ -969,35 +1037,12 @@ impl Shard {
         self.stats.cow_bytes += end_blocks as u64;
         let req = IoRequest {
             tag: u64::from(self.local) << 48 | K_DATA << 40 | i as u64,
-            kind: IoKind::Write,
+            kind: IoKind::WriteDurable,
             offset: self.geo.extent_offset(self.id, s.extent),
             len: end_blocks as u32,
             buf: s.scratch.take(),
         };
         self.issue(dev, i, req, out);
-    }
-
-    fn flush_done(&mut self, result: Result<(), Error>, out: &mut Vec<ShardCompletion>) {
-        assert!(self.flush_in_flight);
-        self.flush_in_flight = false;
-        if let Err(e) = result {
-            if self.wal_state == WalState::Flushing {
-                self.wal_state = WalState::Idle;
-            }
-            self.fail_shard(format!("device flush failed: {e}"), out);
-            return;
-        }
-        self.stats.flushes += 1;
-        for s in self
-            .slots
-            .iter_mut()
-            .filter(|s| s.stage == Stage::DataFlushing)
-        {
-            s.stage = Stage::ReadyForWal;
-        }
-        if self.wal_state == WalState::Flushing {
-            self.commit_batch(out);
-        }
     }
 
     /// The WAL batch is durable: apply its records and acknowledge its ops.
@@ -1078,29 +1123,6 @@ impl Shard {
         {
             self.start_batch(dev, out);
         }
-        if !self.flush_in_flight {
-            let data_waiting = self.slots.iter().any(|s| s.stage == Stage::DataDone);
-            if data_waiting || self.wal_state == WalState::Written {
-                for s in self.slots.iter_mut().filter(|s| s.stage == Stage::DataDone) {
-                    s.stage = Stage::DataFlushing;
-                }
-                if self.wal_state == WalState::Written {
-                    self.wal_state = WalState::Flushing;
-                }
-                self.flush_in_flight = true;
-                let req = IoRequest {
-                    tag: self.dev_tag(K_FLUSH, 0),
-                    kind: IoKind::Flush,
-                    offset: 0,
-                    len: 0,
-                    buf: None,
-                };
-                if let Err((e, _)) = dev.submit(req) {
-                    self.flush_in_flight = false;
-                    self.fail_shard(format!("flush refused: {e}"), out);
-                }
-            }
-        }
     }
 
     fn start_batch(&mut self, dev: &mut dyn BlockDevice, out: &mut Vec<ShardCompletion>) {
@@ -1112,7 +1134,7 @@ impl Shard {
             .take()
             .expect("WAL buffer is home when the WAL is idle");
         buf.set_len(buf.capacity());
-        let mut b = BatchBuilder::new();
+        let mut b = BatchBuilder::for_store(self.geo.store_id);
         let room = (self.geo.wal_size - self.wal_pos) as usize;
         let mut ring_full = false;
         for i in 0..self.slots.len() {
@@ -1167,7 +1189,7 @@ impl Shard {
         let len = h.total_len();
         let req = IoRequest {
             tag: self.dev_tag(K_WAL, 0),
-            kind: IoKind::Write,
+            kind: IoKind::WriteDurable,
             offset: self.geo.wal_base(self.id) + self.wal_pos,
             len: len as u32,
             buf: Some(buf),
@@ -1213,7 +1235,7 @@ impl Shard {
                 .copy_from_slice(&self.snap_image[self.snap_next..self.snap_next + n]);
             let req = IoRequest {
                 tag: self.dev_tag(K_SNAP, self.snap_next as u64),
-                kind: IoKind::Write,
+                kind: IoKind::WriteDurable,
                 offset: base + self.snap_next as u64,
                 len: n as u32,
                 buf: Some(buf),
@@ -1226,17 +1248,12 @@ impl Shard {
             self.snap_out += 1;
         }
         if self.snap_next == self.snap_image.len() && self.snap_out == 0 && self.failed.is_none() {
-            self.snap_state = SnapState::Flushing;
-            let req = IoRequest {
-                tag: self.dev_tag(K_SNAP_FLUSH, 0),
-                kind: IoKind::Flush,
-                offset: 0,
-                len: 0,
-                buf: None,
-            };
-            if let Err((e, _)) = dev.submit(req) {
-                self.fail_shard(format!("snapshot flush refused: {e}"), out);
-            }
+            // Every piece is durable: the new generation starts and the log restarts.
+            self.generation += 1;
+            self.wal_pos = 0;
+            self.wal_lsn = 0;
+            self.snap_state = SnapState::Idle;
+            self.stats.snapshots += 1;
         }
     }
 
@@ -1258,13 +1275,12 @@ impl Shard {
     fn drain_failed(&mut self, out: &mut Vec<ShardCompletion>) {
         for i in 0..self.slots.len() {
             let st = self.slots[i].stage;
-            let stuck = matches!(st, Stage::DataDone | Stage::ReadyForWal | Stage::Deferred)
-                || (st == Stage::InWal && self.wal_state == WalState::Idle)
-                || (st == Stage::DataFlushing && !self.flush_in_flight);
+            let stuck = matches!(st, Stage::ReadyForWal | Stage::Deferred)
+                || (st == Stage::InWal && self.wal_state == WalState::Idle);
             if self.slots[i].mutates() && stuck {
                 if st == Stage::Deferred {
                     self.deferred -= 1;
-                    self.slots[i].stage = Stage::DataDone;
+                    self.slots[i].stage = Stage::ReadyForWal;
                 }
                 self.fail_op(i, Error::Io { errno: 5 }, out);
             }
@@ -1313,10 +1329,14 @@ impl Shard {
         if let (Some(b), Kind::Read) = (buf.as_mut(), s.kind) {
             b.set_len(s.len as usize);
         }
+        let unverified =
+            (s.unverified && result.is_ok()).then_some((s.chunk, s.first_block, s.nblocks));
+        s.unverified = false;
         out.push(ShardCompletion {
             tag: s.tag,
             result,
             buf,
+            unverified,
         });
         self.free_slots.push(i as u32);
         self.rescan = true;

@@ -19,6 +19,8 @@ pub const BATCH_HEADER_SIZE: usize = 64;
 /// The largest batch; it bounds the WAL buffer and the records one commit carries.
 pub const BATCH_MAX: usize = 256 << 10;
 
+/// The smallest encoded record (a delete).
+const MIN_RECORD_LEN: usize = 1 + 12 + 8;
 const REC_WRITE: u8 = 1;
 const REC_TRUNCATE: u8 = 2;
 const REC_DELETE: u8 = 3;
@@ -177,6 +179,9 @@ pub fn decode_record<'a>(r: &mut Reader<'a>) -> Result<Record<'a>, Error> {
 /// The fixed part of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchHeader {
+    /// The store this batch belongs to (from the superblock uuid), so batches left by
+    /// an earlier format of the same device are never taken for this store's.
+    pub store_id: u64,
     pub generation: u64,
     pub lsn: u64,
     pub wal_offset: u64,
@@ -194,15 +199,16 @@ impl BatchHeader {
     pub fn encode(&self, out: &mut [u8]) {
         let mut w = Writer::new(&mut out[..BATCH_HEADER_SIZE]);
         w.bytes(WAL_MAGIC);
+        w.u64(self.store_id);
         w.u64(self.generation);
         w.u64(self.lsn);
         w.u64(self.wal_offset);
         w.u32(self.body_len);
         w.u32(self.record_count);
         w.u32(self.body_crc);
-        let hc = crc(&out[..44]);
-        out[44..48].copy_from_slice(&hc.to_le_bytes());
-        out[48..BATCH_HEADER_SIZE].fill(0);
+        let hc = crc(&out[..52]);
+        out[52..56].copy_from_slice(&hc.to_le_bytes());
+        out[56..BATCH_HEADER_SIZE].fill(0);
     }
 
     /// Decodes a header; `None` when there is no valid batch here (end of the log).
@@ -210,12 +216,13 @@ impl BatchHeader {
         if buf.len() < BATCH_HEADER_SIZE || &buf[..8] != WAL_MAGIC {
             return None;
         }
-        let stored = u32::from_le_bytes(buf[44..48].try_into().expect("4 bytes"));
-        if stored != crc(&buf[..44]) {
+        let stored = u32::from_le_bytes(buf[52..56].try_into().expect("4 bytes"));
+        if stored != crc(&buf[..52]) {
             return None;
         }
-        let mut r = Reader::new(&buf[8..44], "wal batch header");
+        let mut r = Reader::new(&buf[8..52], "wal batch header");
         let h = BatchHeader {
+            store_id: r.u64().ok()?,
             generation: r.u64().ok()?,
             lsn: r.u64().ok()?,
             wal_offset: r.u64().ok()?,
@@ -230,6 +237,7 @@ impl BatchHeader {
 /// Builds a batch in a caller-provided buffer of `BATCH_MAX` bytes.
 #[derive(Debug)]
 pub struct BatchBuilder {
+    store_id: u64,
     body_len: usize,
     records: u32,
 }
@@ -237,8 +245,16 @@ pub struct BatchBuilder {
 impl BatchBuilder {
     pub fn new() -> Self {
         BatchBuilder {
+            store_id: 0,
             body_len: 0,
             records: 0,
+        }
+    }
+    /// A builder for batches of store `store_id`.
+    pub fn for_store(store_id: u64) -> Self {
+        BatchBuilder {
+            store_id,
+            ..Self::new()
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -272,6 +288,7 @@ impl BatchBuilder {
     ) -> BatchHeader {
         let body = &buf[BATCH_HEADER_SIZE..BATCH_HEADER_SIZE + self.body_len];
         let h = BatchHeader {
+            store_id: self.store_id,
             generation,
             lsn,
             wal_offset,
@@ -307,7 +324,8 @@ pub fn decode_body<'a>(h: &BatchHeader, batch: &'a [u8]) -> Result<Vec<Record<'a
         });
     }
     let mut r = Reader::new(body, "wal record");
-    let mut out = Vec::with_capacity(h.record_count as usize);
+    // The count is untrusted: size the vector by what the body can hold.
+    let mut out = Vec::with_capacity((h.record_count as usize).min(body.len() / MIN_RECORD_LEN));
     for _ in 0..h.record_count {
         out.push(decode_record(&mut r)?);
     }

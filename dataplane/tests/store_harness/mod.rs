@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use spool_dataplane::device::mem::{CrashMode, MemDevice, MemHandle};
 use spool_dataplane::store::{
-    self, ChunkId, ChunkInfo, ChunkOp, CoreStore, FormatOptions, Geometry, ShardRequest, BLOCK_SIZE,
+    self, ChunkId, ChunkInfo, ChunkOp, CoreStore, FormatOptions, Geometry, ReadCheck, ShardRequest,
+    BLOCK_SIZE,
 };
 use spool_dataplane::Error;
 use spool_hugepages::{DmaPool, PagePolicy};
@@ -170,7 +171,11 @@ impl Harness {
                 },
                 Op::Delete { chunk } => ChunkOp::Delete { chunk: *chunk },
             };
-            let mut req = ShardRequest { tag, op: cop };
+            let mut req = ShardRequest {
+                tag,
+                op: cop,
+                read_check: ReadCheck::OnCore,
+            };
             loop {
                 match self.store.submit(req, &mut self.out) {
                     Ok(()) => break,
@@ -210,6 +215,7 @@ impl Harness {
                 len: CHUNK,
                 buf,
             },
+            read_check: ReadCheck::OnCore,
         };
         if self.store.submit(req, &mut self.out).is_err() {
             panic!("read refused");
@@ -236,6 +242,7 @@ impl Harness {
                 len,
                 buf,
             },
+            read_check: ReadCheck::OnCore,
         };
         if self.store.submit(req, &mut self.out).is_err() {
             panic!("read refused");

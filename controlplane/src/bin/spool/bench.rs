@@ -40,6 +40,10 @@ pub struct DeviceBench {
     /// Skip the fio comparison.
     #[arg(long)]
     pub no_fio: bool,
+    /// Rounds; each runs spool and fio back to back (medians are reported, since a
+    /// shared or virtual disk varies from run to run).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
     /// Also write the table as CSV here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -107,6 +111,9 @@ pub fn run(b: &DeviceBench) -> Result<()> {
         bail!("--queue-depth {qd} must be between 1 and 1024");
     }
     prepare_file(&b.path, b.size.0)?;
+    if b.repeat == 0 || b.repeat > 100 {
+        bail!("--repeat {} must be between 1 and 100", b.repeat);
+    }
     let uo = UringOptions {
         queue_depth: (qd + 16).max(64) as u32,
         sqpoll: false,
@@ -118,72 +125,84 @@ pub fn run(b: &DeviceBench) -> Result<()> {
         wal_size: 0,
         force: true,
     };
-    let sb = {
-        let mut d = UringDevice::open(&b.path, &uo, &[])?;
-        store::format(&mut d, &fo)?
-    };
-    let g = sb.geometry.clone();
-    // Write 3/4 of the store's capacity, in whole chunks, at most 8 GiB.
-    let chunk = u64::from(g.chunk_size);
-    let total = (g.capacity_bytes() * 3 / 4).min(8 << 30) / chunk * chunk;
-    if total < chunk {
-        bail!("--size is too small for a benchmark");
-    }
     let pool = DmaPool::new("bench", bs as usize, qd + 2, PagePolicy::PreferHuge)?;
-    let devices = (0..b.cores)
-        .map(|_| {
-            UringDevice::open(&b.path, &uo, std::slice::from_ref(&pool))
-                .map(|d| Box::new(d) as Box<dyn BlockDevice>)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let opts = EngineOptions {
-        cores: b.cores,
-        cpus: None,
-        pin: true,
-        idle_spin_us: 50,
-        idle_park_max_us: 1000,
-        ring_capacity: qd.next_power_of_two().max(64),
-    };
-    let engine = Arc::new(Engine::start(
-        &opts,
-        devices,
-        sb,
-        Arc::clone(&pool),
-        Perf::new(&SCHEMA, b.cores),
-    )?);
-    eprintln!(
-        "bench: {} through the dataplane ({} core(s), {} B requests, queue depth {qd}, chunk {} B), then fio",
-        human(total),
-        b.cores,
-        bs,
-        g.chunk_size
-    );
-    let mut rows = Vec::new();
-    rows.push(pipeline(
-        &engine,
-        "spool write",
-        total,
-        bs,
-        qd,
-        chunk,
-        true,
-    )?);
-    rows.push(pipeline(
-        &engine,
-        "spool read",
-        total,
-        bs,
-        qd,
-        chunk,
-        false,
-    )?);
-    Arc::try_unwrap(engine)
-        .map_err(|_| anyhow::anyhow!("engine still shared"))?
-        .shutdown();
-    if !b.no_fio {
-        rows.push(fio(&b.path, "write", total, bs, qd)?);
-        rows.push(fio(&b.path, "read", total, bs, qd)?);
+    let huge = pool.is_hugepage_backed();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut total = 0;
+    for round in 0..b.repeat {
+        // A fresh store each round: rewriting committed chunks would measure
+        // copy-on-write, not sequential writes.
+        let sb = {
+            let mut d = UringDevice::open(&b.path, &uo, &[])?;
+            store::format(&mut d, &fo)?
+        };
+        let g = sb.geometry.clone();
+        let chunk = u64::from(g.chunk_size);
+        // Write 3/4 of the store's capacity, in whole chunks, at most 8 GiB.
+        total = (g.capacity_bytes() * 3 / 4).min(8 << 30) / chunk * chunk;
+        if total < chunk {
+            bail!("--size is too small for a benchmark");
+        }
+        if round == 0 {
+            eprintln!(
+                "bench: {} x {} rounds through the dataplane ({} core(s), {bs} B requests, queue depth {qd}, \
+                 chunk {} B, DMA buffers in {}), each round followed by fio with the same memory kind",
+                human(total),
+                b.repeat,
+                b.cores,
+                g.chunk_size,
+                if huge { "hugepages" } else { "ordinary pages (reserve hugepages for best results)" }
+            );
+        }
+        let devices = (0..b.cores)
+            .map(|_| {
+                UringDevice::open(&b.path, &uo, std::slice::from_ref(&pool))
+                    .map(|d| Box::new(d) as Box<dyn BlockDevice>)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let opts = EngineOptions {
+            cores: b.cores,
+            cpus: None,
+            pin: true,
+            idle_spin_us: 50,
+            idle_park_max_us: 1000,
+            ring_capacity: qd.next_power_of_two().max(64),
+        };
+        let engine = Arc::new(Engine::start(
+            &opts,
+            devices,
+            sb,
+            Arc::clone(&pool),
+            Perf::new(&SCHEMA, b.cores),
+        )?);
+        rows.push(pipeline(
+            &engine,
+            "spool write",
+            total,
+            bs,
+            qd,
+            chunk,
+            true,
+        )?);
+        rows.push(pipeline(
+            &engine,
+            "spool read",
+            total,
+            bs,
+            qd,
+            chunk,
+            false,
+        )?);
+        Arc::try_unwrap(engine)
+            .map_err(|_| anyhow::anyhow!("engine still shared"))?
+            .shutdown();
+        if !b.no_fio {
+            rows.push(fio(&b.path, "write", total, bs, qd, huge)?);
+            rows.push(fio(&b.path, "read", total, bs, qd, huge)?);
+        }
+        eprintln!("bench: round {} of {} done", round + 1, b.repeat);
     }
+    let _ = total;
     print_table(&rows, b)?;
     Ok(())
 }
@@ -260,7 +279,7 @@ fn pipeline(
     })
 }
 
-fn fio(path: &Path, rw: &str, total: u64, bs: u64, qd: usize) -> Result<Row> {
+fn fio(path: &Path, rw: &str, total: u64, bs: u64, qd: usize, huge: bool) -> Result<Row> {
     let out = Command::new("fio")
         .args([
             "--name=spool-bench",
@@ -271,6 +290,13 @@ fn fio(path: &Path, rw: &str, total: u64, bs: u64, qd: usize) -> Result<Row> {
             &format!("--iodepth={qd}"),
             &format!("--size={total}"),
             "--end_fsync=1",
+            // The same kind of buffer memory as the dataplane's pool, so the ratio
+            // compares I/O paths, not page sizes.
+            if huge {
+                "--iomem=shmhuge"
+            } else {
+                "--iomem=malloc"
+            },
             "--output-format=json",
         ])
         .arg(format!("--filename={}", path.display()))
@@ -303,43 +329,89 @@ fn human(b: u64) -> String {
     format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One scenario over all rounds.
+struct Summary {
+    what: String,
+    bytes: u64,
+    gbps: f64,
+    min: f64,
+    max: f64,
+    cpu_per_gib: Option<f64>,
+}
+
+fn summarize(rows: &[Row]) -> Vec<Summary> {
+    let mut names: Vec<&str> = Vec::new();
+    for r in rows {
+        if !names.contains(&r.what.as_str()) {
+            names.push(&r.what);
+        }
+    }
+    names
+        .into_iter()
+        .map(|n| {
+            let rs: Vec<&Row> = rows.iter().filter(|r| r.what == n).collect();
+            let g: Vec<f64> = rs.iter().map(|r| r.gbps()).collect();
+            let cpu: Vec<f64> = rs.iter().filter_map(|r| r.cpu_per_gib()).collect();
+            Summary {
+                what: n.to_owned(),
+                bytes: rs[0].bytes,
+                gbps: median(g.clone()),
+                min: g.iter().copied().fold(f64::INFINITY, f64::min),
+                max: g.iter().copied().fold(0.0, f64::max),
+                cpu_per_gib: (!cpu.is_empty()).then(|| median(cpu)),
+            }
+        })
+        .collect()
+}
+
 fn print_table(rows: &[Row], b: &DeviceBench) -> Result<()> {
-    let fio_of = |what: &str| rows.iter().find(|r| r.what == what).map(Row::gbps);
+    let sums = summarize(rows);
+    let gbps_of = |what: &str| sums.iter().find(|r| r.what == what).map(|r| r.gbps);
     println!(
-        "{:<12} {:>10} {:>9} {:>8} {:>13} {:>9}",
-        "scenario", "bytes", "GB/s", "seconds", "cpu_s_per_GiB", "vs_fio"
+        "{:<12} {:>10} {:>9} {:>15} {:>13} {:>9}",
+        "scenario", "bytes", "GB/s", "min-max", "cpu_s_per_GiB", "vs_fio"
     );
-    let mut csv = String::from("scenario,bytes,gb_per_s,seconds,cpu_s_per_gib,ratio_vs_fio,block_size,queue_depth,cores,host\n");
+    let mut csv = String::from("scenario,bytes,median_gb_per_s,min_gb_per_s,max_gb_per_s,cpu_s_per_gib,ratio_vs_fio,rounds,block_size,queue_depth,cores,host\n");
     let host = std::fs::read_to_string("/etc/hostname")
         .unwrap_or_default()
         .trim()
         .to_owned();
-    for r in rows {
-        let peer = if r.what.starts_with("spool write") {
-            fio_of("fio write")
-        } else if r.what.starts_with("spool read") {
-            fio_of("fio read")
-        } else {
-            None
+    for r in &sums {
+        let peer = match r.what.as_str() {
+            "spool write" => gbps_of("fio write"),
+            "spool read" => gbps_of("fio read"),
+            _ => None,
         };
-        let ratio = peer.map(|p| r.gbps() / p);
+        let ratio = peer.map(|p| r.gbps / p);
         println!(
-            "{:<12} {:>10} {:>9.3} {:>8.2} {:>13} {:>9}",
+            "{:<12} {:>10} {:>9.3} {:>15} {:>13} {:>9}",
             r.what,
             human(r.bytes),
-            r.gbps(),
-            r.secs,
-            r.cpu_per_gib().map_or("-".into(), |c| format!("{c:.3}")),
+            r.gbps,
+            format!("{:.2}-{:.2}", r.min, r.max),
+            r.cpu_per_gib.map_or("-".into(), |c| format!("{c:.3}")),
             ratio.map_or("-".into(), |x| format!("{x:.2}x"))
         );
         csv.push_str(&format!(
-            "{},{},{:.4},{:.3},{},{},{},{},{},{}\n",
+            "{},{},{:.4},{:.4},{:.4},{},{},{},{},{},{},{}\n",
             r.what,
             r.bytes,
-            r.gbps(),
-            r.secs,
-            r.cpu_per_gib().map_or(String::new(), |c| format!("{c:.4}")),
+            r.gbps,
+            r.min,
+            r.max,
+            r.cpu_per_gib.map_or(String::new(), |c| format!("{c:.4}")),
             ratio.map_or(String::new(), |x| format!("{x:.3}")),
+            b.repeat,
             b.block_size.0,
             b.queue_depth,
             b.cores,
