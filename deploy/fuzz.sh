@@ -11,7 +11,7 @@
 #   deploy/fuzz.sh --list                    list the targets
 #
 # Targets: superblock, wal_batch, snapshot (the admin request parser has no target yet:
-# controlplane/src/admin.rs exposes no pure `parse_request`). Each target calls
+# controlplane/src/admin.rs keeps `parse_request` private). Each target calls
 # spool_dataplane::store::fuzzing::fuzz_TARGET; tests/fuzz_corpus.rs replays the corpus
 # through the same functions in `cargo test`.
 #
@@ -19,7 +19,8 @@
 # cargo-fuzz 0.13.2): cargo-fuzz passes nightly-only flags (-Zsanitizer=address, ...),
 # which stable rustc accepts with RUSTC_BOOTSTRAP=1, and stable ships the sanitizer
 # runtimes (librustc-stable_rt.asan.a), so the default AddressSanitizer build works.
-# No nightly toolchain is needed or downloaded. FUZZ_SANITIZER=none builds without a
+# No nightly toolchain is needed or downloaded (the script uses the default toolchain,
+# stable on the project's machines). FUZZ_SANITIZER=none builds without a
 # sanitizer (faster; Rust code is memory-safe without it, and this crate has no
 # `unsafe`). Builds are release with debug assertions and overflow checks on (the
 # cargo-fuzz default; do not add -O, it turns them off).
@@ -29,8 +30,8 @@
 # New inputs go to a scratch corpus ($FUZZ_WORK, default /tmp/spool-fuzz/TARGET), never
 # straight into the checked-in one; crashes are saved in dataplane/fuzz/artifacts/TARGET/
 # and the script exits non-zero. Reproduce one with
-#   RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET dataplane/fuzz/artifacts/TARGET/crash-...
-# (from dataplane/), minimize it with `cargo fuzz tmin TARGET FILE`, and check it in under
+#   (cd dataplane && RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET fuzz/artifacts/TARGET/crash-...)
+# minimize it with `cargo fuzz tmin TARGET FILE` (same way), and check it in under
 # dataplane/fuzz/regressions/TARGET/ so `cargo test --test fuzz_corpus` replays it.
 set -euo pipefail
 

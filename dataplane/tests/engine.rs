@@ -24,6 +24,19 @@ fn opts(cores: usize) -> EngineOptions {
     }
 }
 
+/// A formatted mem device with 256 KiB chunks.
+fn mem_store(size: u64, shards: u32) -> (MemDevice, store::Superblock) {
+    let fo = FormatOptions {
+        chunk_size: 256 << 10,
+        shards,
+        wal_size: 0,
+        force: false,
+    };
+    let mut dev = MemDevice::new(size, 64);
+    let sb = store::format(&mut dev, &fo).unwrap();
+    (dev, sb)
+}
+
 fn fill(chunk: ChunkId, off: u32, buf: &mut [u8]) {
     for (i, b) in buf.iter_mut().enumerate() {
         *b = (chunk.inode as u8).wrapping_mul(7)
@@ -128,14 +141,7 @@ fn exercise(engine: &Arc<Engine>) {
 
 #[test]
 fn two_cores_on_mem_device() {
-    let fo = FormatOptions {
-        chunk_size: 256 << 10,
-        shards: 4,
-        wal_size: 0,
-        force: false,
-    };
-    let mut dev = MemDevice::new(64 << 20, 64);
-    let sb = store::format(&mut dev, &fo).unwrap();
+    let (dev, sb) = mem_store(64 << 20, 4);
     let second = dev.another_queue();
     let pool = DmaPool::new("data", 64 << 10, 64, PagePolicy::PreferHuge).unwrap();
     let perf = Perf::new(&SCHEMA, 2);
@@ -215,14 +221,7 @@ fn one_core_on_uring_file_survives_restart() {
 
 #[test]
 fn more_cores_than_shards_is_refused() {
-    let fo = FormatOptions {
-        chunk_size: 256 << 10,
-        shards: 1,
-        wal_size: 0,
-        force: false,
-    };
-    let mut dev = MemDevice::new(16 << 20, 64);
-    let sb = store::format(&mut dev, &fo).unwrap();
+    let (dev, sb) = mem_store(16 << 20, 1);
     let second = dev.another_queue();
     let pool = DmaPool::new("data", 64 << 10, 4, PagePolicy::Normal).unwrap();
     let err = Engine::start(
@@ -238,15 +237,8 @@ fn more_cores_than_shards_is_refused() {
 
 #[test]
 fn client_verifies_reads_and_reports_corruption() {
-    let fo = FormatOptions {
-        chunk_size: 256 << 10,
-        shards: 1,
-        wal_size: 0,
-        force: false,
-    };
-    let mut dev = MemDevice::new(16 << 20, 64);
+    let (dev, sb) = mem_store(16 << 20, 1);
     let mem = dev.handle();
-    let sb = store::format(&mut dev, &fo).unwrap();
     let g = sb.geometry.clone();
     let pool = DmaPool::new("data", 64 << 10, 8, PagePolicy::Normal).unwrap();
     let engine = Arc::new(

@@ -12,6 +12,7 @@ use spool_dataplane::device::mem::{CrashMode, MemDevice};
 use spool_dataplane::store::format::{
     Superblock, FORMAT_VERSION, SNAP_HEADER_SIZE, SUPERBLOCK_SIZE, WAL_SIZE_MIN,
 };
+use spool_dataplane::store::fuzzing::{fix_snapshot_crcs, SNAP_BODY_LEN};
 use spool_dataplane::store::wal::BatchHeader;
 use spool_dataplane::store::{self, ChunkId, FormatOptions, Geometry, ShardStats, BLOCK_SIZE};
 use spool_dataplane::Error;
@@ -575,6 +576,28 @@ fn corrupt_newest_snapshot_after_new_batches_is_not_silently_dropped() {
         Err(Error::Corrupt { detail, .. }) => assert!(detail.contains("snapshot"), "{detail}"),
         Err(e) => panic!("both snapshots corrupt: {e} (want Error::Corrupt)"),
         Ok(_) => panic!("both snapshots corrupt: opened anyway"),
+    }
+}
+
+/// A snapshot header that passes its crc but claims an absurd body length (bit rot
+/// that happens to keep the crc, or a hostile image) must not crash recovery.
+#[test]
+fn snapshot_header_with_huge_body_len_is_an_error_not_a_crash() {
+    let (h, model, geo) = populated(4);
+    // The restart in `populated` replayed the WAL and wrote a snapshot; no batch since.
+    let newest = stats(&h).generation;
+    let mut image = h.mem.crash_image(CrashMode::DropUnflushed);
+    drop(h);
+    let slot = geo.snapshot_slot(0, (newest % 2) as u32) as usize;
+    for body_len in [u64::MAX, u64::MAX - 10, geo.snapshot_slot_size] {
+        let header = &mut image[slot..slot + SNAP_HEADER_SIZE];
+        header[SNAP_BODY_LEN].copy_from_slice(&body_len.to_le_bytes());
+        fix_snapshot_crcs(header);
+        recovers_or_reports_corrupt(
+            image.clone(),
+            &model,
+            &format!("newest snapshot header claims a body of {body_len} bytes"),
+        );
     }
 }
 

@@ -36,6 +36,19 @@ pub struct IoRequest {
     pub buf: Option<DmaBuf>,
 }
 
+impl IoRequest {
+    /// A flush: makes every write completed before it durable.
+    pub fn flush(tag: u64) -> Self {
+        IoRequest {
+            tag,
+            kind: IoKind::Flush,
+            offset: 0,
+            len: 0,
+            buf: None,
+        }
+    }
+}
+
 /// The outcome of one request, with its buffer handed back.
 #[derive(Debug)]
 pub struct IoCompletion {

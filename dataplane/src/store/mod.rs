@@ -310,29 +310,9 @@ pub fn format(dev: &mut dyn BlockDevice, opts: &FormatOptions) -> Result<Superbl
         write(dev, geometry.snapshot_slot(shard, 0), &|_| {})?;
         write(dev, geometry.wal_base(shard), &|_| {})?;
     }
-    run_sync(
-        dev,
-        IoRequest {
-            tag: 0,
-            kind: IoKind::Flush,
-            offset: 0,
-            len: 0,
-            buf: None,
-        },
-    )
-    .0?;
+    run_sync(dev, IoRequest::flush(0)).0?;
     write(dev, 0, &|b| sb.encode(b))?;
-    run_sync(
-        dev,
-        IoRequest {
-            tag: 0,
-            kind: IoKind::Flush,
-            offset: 0,
-            len: 0,
-            buf: None,
-        },
-    )
-    .0?;
+    run_sync(dev, IoRequest::flush(0)).0?;
     Ok(sb)
 }
 

@@ -338,7 +338,8 @@ impl Shard {
         candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         let mut image = std::mem::take(&mut self.snap_image);
         for (generation, slot, body_len) in candidates {
-            if SNAP_HEADER_SIZE as u64 + body_len > self.geo.snapshot_slot_size {
+            // The header is checksummed but its length is still only a claim.
+            if body_len.saturating_add(SNAP_HEADER_SIZE as u64) > self.geo.snapshot_slot_size {
                 continue;
             }
             let total = SNAP_HEADER_SIZE + body_len as usize;

@@ -203,18 +203,33 @@ impl Harness {
     }
 
     /// Reads a whole chunk: (committed length, bytes up to the chunk size).
+    /// Reads a whole chunk: (committed length and version, bytes up to the chunk size).
     pub fn read_chunk(&mut self, chunk: ChunkId) -> Result<(ChunkInfo, Vec<u8>), Error> {
+        self.read_at(chunk, 0, CHUNK)
+    }
+
+    pub fn read_range(&mut self, chunk: ChunkId, offset: u32, len: u32) -> Result<Vec<u8>, Error> {
+        self.read_at(chunk, offset, len).map(|(_, data)| data)
+    }
+
+    fn read_at(
+        &mut self,
+        chunk: ChunkId,
+        offset: u32,
+        len: u32,
+    ) -> Result<(ChunkInfo, Vec<u8>), Error> {
         let tag = self.next_tag;
         self.next_tag += 1;
         let buf = self.pool.alloc().expect("test pool has room");
+        let op = ChunkOp::Read {
+            chunk,
+            offset,
+            len,
+            buf,
+        };
         let req = ShardRequest {
             tag,
-            op: ChunkOp::Read {
-                chunk,
-                offset: 0,
-                len: CHUNK,
-                buf,
-            },
+            op,
             read_check: ReadCheck::OnCore,
         };
         if self.store.submit(req, &mut self.out).is_err() {
@@ -226,31 +241,8 @@ impl Harness {
         let info = c.result?;
         Ok((
             info,
-            c.buf.expect("read returns its buffer").as_slice().to_vec(),
+            c.buf.expect("read returns its buffer").as_slice()[..len as usize].to_vec(),
         ))
-    }
-
-    pub fn read_range(&mut self, chunk: ChunkId, offset: u32, len: u32) -> Result<Vec<u8>, Error> {
-        let tag = self.next_tag;
-        self.next_tag += 1;
-        let buf = self.pool.alloc().expect("test pool has room");
-        let req = ShardRequest {
-            tag,
-            op: ChunkOp::Read {
-                chunk,
-                offset,
-                len,
-                buf,
-            },
-            read_check: ReadCheck::OnCore,
-        };
-        if self.store.submit(req, &mut self.out).is_err() {
-            panic!("read refused");
-        }
-        self.store.drain(&mut self.out);
-        let c = self.out.pop().expect("read completes");
-        c.result?;
-        Ok(c.buf.expect("buffer").as_slice()[..len as usize].to_vec())
     }
 
     /// Compares the whole store with `model` over `universe`: `Ok` or what differs.
