@@ -10,10 +10,11 @@
 #   deploy/fuzz.sh --build                   only build every target
 #   deploy/fuzz.sh --list                    list the targets
 #
-# Targets: superblock, wal_batch, snapshot (the admin request parser has no target yet:
-# controlplane/src/admin.rs keeps `parse_request` private). Each target calls
-# spool_dataplane::store::fuzzing::fuzz_TARGET; tests/fuzz_corpus.rs replays the corpus
-# through the same functions in `cargo test`.
+# Targets: superblock, wal_batch, snapshot (spool_dataplane::store::fuzzing::fuzz_TARGET,
+# replayed by dataplane/tests/fuzz_corpus.rs) and admin_request
+# (spool_controlplane::admin::fuzz_parse_request, replayed by
+# controlplane/tests/admin_request_corpus.rs): `cargo test` runs the same checks on
+# the checked-in corpora.
 #
 # Does it work here? Yes, on the stable toolchain (checked with rustc 1.95.0 and
 # cargo-fuzz 0.13.2): cargo-fuzz passes nightly-only flags (-Zsanitizer=address, ...),
@@ -35,7 +36,7 @@
 # dataplane/fuzz/regressions/TARGET/ so `cargo test --test fuzz_corpus` replays it.
 set -euo pipefail
 
-TARGETS=(superblock wal_batch snapshot)
+TARGETS=(superblock wal_batch snapshot admin_request)
 CARGO_FUZZ_VERSION=0.13.2
 
 script="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"

@@ -67,17 +67,42 @@ pub trait AdminTarget: Send + Sync + 'static {
     fn set_log_level(&self, level: &str) -> Result<(), String>;
 }
 
-/// A parsed request.
+/// A parsed admin request (public for the fuzz target and its corpus test).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Request {
+pub enum Request {
     Status,
     PerfDump,
     ConfigShow,
     LogLevel(String),
 }
 
+/// The fuzz target's body (dataplane/fuzz `admin_request`, and the corpus replay in
+/// controlplane/tests/admin_request_corpus.rs): any bytes parse to a request, nothing,
+/// or an error with a message, and never panic.
+pub fn fuzz_parse_request(data: &[u8]) {
+    match parse_request(data) {
+        Ok(Some(req)) => {
+            // What parses re-encodes canonically and parses back to the same request.
+            let canonical = match &req {
+                Request::Status => serde_json::json!({"cmd": "status"}),
+                Request::PerfDump => serde_json::json!({"cmd": "perf dump"}),
+                Request::ConfigShow => serde_json::json!({"cmd": "config show"}),
+                Request::LogLevel(level) => serde_json::json!({"cmd": "log level", "level": level}),
+            };
+            let again = parse_request(canonical.to_string().as_bytes());
+            assert_eq!(again, Ok(Some(req)), "canonical form of a parsed request");
+        }
+        Ok(None) => assert!(
+            std::str::from_utf8(data.strip_suffix(b"\r").unwrap_or(data))
+                .is_ok_and(|t| t.trim().is_empty()),
+            "only a blank line parses to nothing"
+        ),
+        Err(msg) => assert!(!msg.is_empty(), "an error reply says what is wrong"),
+    }
+}
+
 /// Parses one request line (without its newline). `Ok(None)` for a blank line.
-fn parse_request(line: &[u8]) -> Result<Option<Request>, String> {
+pub fn parse_request(line: &[u8]) -> Result<Option<Request>, String> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let text = std::str::from_utf8(line).map_err(|e| {
         format!(

@@ -340,7 +340,10 @@ mod tests {
             version: FORMAT_VERSION,
             uuid: [7; 16],
             created_unix_s: 1,
-            geometry: Geometry::compute(1 << 30, 4 << 20, 2, 0).unwrap(),
+            geometry: Geometry {
+                store_id: store_id_of(&[7; 16]),
+                ..Geometry::compute(1 << 30, 4 << 20, 2, 0).unwrap()
+            },
         }
     }
 
