@@ -254,10 +254,8 @@ show 25 curl -fsS --max-time 5 "http://$METRICS/metrics"
 section "spool bench device --path $BENCH_FILE --size $BENCH_SIZE"
 show 0 "$BIN" bench device --path "$BENCH_FILE" --size "$BENCH_SIZE"
 rm -f "$BENCH_FILE"
-say ""
-say "To compare with fio on the same file system (same size, 1 MiB O_DIRECT writes, io_uring):"
-say "  fio --name=seqwrite --filename=$STATE/fio.img --size=$BENCH_SIZE --bs=1M --rw=write \\"
-say "      --direct=1 --ioengine=io_uring --iodepth=32 && rm -f $STATE/fio.img"
+say "(the table's fio rows ran on the same file, with the same block size, queue depth"
+say " and buffer memory; reserve hugepages for production figures: docs/PERFORMANCE.md)"
 
 section "spool is running"
 cat <<EOF
