@@ -9,7 +9,7 @@
 //! with few cores this keeps an idle dataplane from starving everything else; set
 //! `idle_spin_us` high for pure polling.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -57,7 +57,11 @@ impl ReplyQueue {
             pushed.is_ok(),
             "reply queue overflow: client exceeded its in-flight bound"
         );
-        if self.waiting.load(Ordering::Acquire) {
+        // Dekker-style handshake with `Client::wait`: each side writes its own flag,
+        // fences, then reads the other's, so at least one sees the other and no wake-up
+        // is lost (without the fences a store may pass a later load).
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
             if let Ok(t) = self.thread.lock() {
                 if let Some(t) = t.as_ref() {
                     t.unpark();
@@ -372,7 +376,9 @@ impl Client {
             return Err((Error::Busy, sub.req.op));
         }
         self.in_flight += 1;
-        if core.sleeping.load(Ordering::Acquire) {
+        // Pairs with the core's fence before it parks (see `ReplyQueue::push`).
+        fence(Ordering::SeqCst);
+        if core.sleeping.load(Ordering::SeqCst) {
             core.thread.unpark();
         }
         Ok(())
@@ -415,11 +421,12 @@ impl Client {
             if let Ok(mut t) = self.reply.thread.lock() {
                 *t = Some(std::thread::current());
             }
-            self.reply.waiting.store(true, Ordering::Release);
+            self.reply.waiting.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
             if self.reply.done.is_empty() {
                 std::thread::park_timeout((deadline - now).min(Duration::from_millis(10)));
             }
-            self.reply.waiting.store(false, Ordering::Release);
+            self.reply.waiting.store(false, Ordering::SeqCst);
         }
     }
 
@@ -553,6 +560,9 @@ impl CoreLoop {
                 }
             }
             work += store.poll(&mut out);
+            if work > 0 {
+                counters.record(m::H_DEVICE_QUEUE_DEPTH, store.device().in_flight() as u64);
+            }
             for c in out.drain(..) {
                 let internal = c.tag;
                 let o = origins[internal as usize]
@@ -613,6 +623,7 @@ impl CoreLoop {
             }
             // Park: announce it, then look once more so a push racing with us is seen.
             shared.sleeping.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
             if shared.ring.is_empty() && !stop.load(Ordering::Acquire) {
                 std::thread::park_timeout(park);
                 parks.fetch_add(1, Ordering::Relaxed);

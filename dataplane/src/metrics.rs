@@ -27,6 +27,7 @@ pub const G_IN_FLIGHT: usize = 0;
 pub const H_READ_LATENCY: usize = 0;
 pub const H_WRITE_LATENCY: usize = 1;
 pub const H_META_LATENCY: usize = 2;
+pub const H_DEVICE_QUEUE_DEPTH: usize = 3;
 
 pub static SCHEMA: Schema = Schema {
     counters: &[
@@ -61,7 +62,11 @@ pub static SCHEMA: Schema = Schema {
             "chunk_write_latency_ns",
             "Chunk write latency until durable, ring to completion",
         ),
-        MetricDef::new("chunk_meta_latency_ns", "Truncate/delete/stat latency"),
+                MetricDef::new("chunk_meta_latency_ns", "Truncate/delete/stat latency"),
+        MetricDef::new(
+            "device_queue_depth",
+            "Device requests in flight, sampled each time a core accepts work (is the device kept busy?)",
+        ),
     ],
 };
 

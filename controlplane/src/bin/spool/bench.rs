@@ -184,6 +184,7 @@ pub fn run(b: &DeviceBench) -> Result<()> {
             chunk,
             true,
         )?);
+        let w = engine.perf().snapshot().histograms["device_queue_depth"];
         rows.push(pipeline(
             &engine,
             "spool read",
@@ -193,6 +194,15 @@ pub fn run(b: &DeviceBench) -> Result<()> {
             chunk,
             false,
         )?);
+        let all = engine.perf().snapshot().histograms["device_queue_depth"];
+        eprintln!(
+            "bench: round {}: device queue depth while busy: write p50 {} p90 {}; write+read p50 {} p90 {} (asked for {qd})",
+            round + 1,
+            w.p50,
+            w.p90,
+            all.p50,
+            all.p90
+        );
         Arc::try_unwrap(engine)
             .map_err(|_| anyhow::anyhow!("engine still shared"))?
             .shutdown();
