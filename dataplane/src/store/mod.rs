@@ -138,6 +138,19 @@ pub struct ShardCompletion {
     pub unverified: Option<(ChunkId, u32, u32)>,
 }
 
+impl ShardCompletion {
+    /// The completion of a request refused without touching the device; its buffer
+    /// goes back to the caller.
+    pub fn refused(req: ShardRequest, e: Error) -> Self {
+        ShardCompletion {
+            tag: req.tag,
+            result: Err(e),
+            buf: req.op.into_buf(),
+            unverified: None,
+        }
+    }
+}
+
 /// Verifies a read completed with `ReadCheck::ByReceiver`: every block of the buffer
 /// against the crc the shard put in its sidecar. A mismatch turns the result into
 /// `Error::BadChecksum`. Returns whether a mismatch was found.
@@ -216,21 +229,24 @@ fn one_block(len: usize) -> Result<DmaBuf, Error> {
     Ok(pool.alloc().expect("a fresh pool has a buffer"))
 }
 
+/// Reads the first `len` bytes of the device (a multiple of 4 KiB).
+fn read_head(dev: &mut dyn BlockDevice, len: usize) -> Result<DmaBuf, Error> {
+    let buf = one_block(len)?;
+    let req = IoRequest {
+        tag: 0,
+        kind: IoKind::Read,
+        offset: 0,
+        len: len as u32,
+        buf: Some(buf),
+    };
+    let (r, buf) = run_sync(dev, req);
+    r?;
+    Ok(buf.expect("read returns its buffer"))
+}
+
 /// Reads and verifies the superblock.
 pub fn read_superblock(dev: &mut dyn BlockDevice) -> Result<Superblock, Error> {
-    let buf = one_block(format::SUPERBLOCK_SIZE)?;
-    let (r, buf) = run_sync(
-        dev,
-        IoRequest {
-            tag: 0,
-            kind: IoKind::Read,
-            offset: 0,
-            len: 4096,
-            buf: Some(buf),
-        },
-    );
-    r?;
-    let sb = Superblock::decode(buf.expect("read returns its buffer").as_slice())?;
+    let sb = Superblock::decode(read_head(dev, format::SUPERBLOCK_SIZE)?.as_slice())?;
     if sb.geometry.device_size > dev.info().size_bytes {
         return Err(Error::Corrupt {
             what: "superblock",
@@ -251,21 +267,7 @@ pub fn format(dev: &mut dyn BlockDevice, opts: &FormatOptions) -> Result<Superbl
     let mut geometry = Geometry::compute(size, opts.chunk_size, opts.shards, opts.wal_size)?;
     if !opts.force {
         let probe_len = (128u64 << 10).min(size / 4096 * 4096) as usize;
-        let buf = one_block(probe_len)?;
-        let (r, buf) = run_sync(
-            dev,
-            IoRequest {
-                tag: 0,
-                kind: IoKind::Read,
-                offset: 0,
-                len: probe_len as u32,
-                buf: Some(buf),
-            },
-        );
-        r?;
-        if let Some(what) =
-            format::probe_signature(buf.expect("read returns its buffer").as_slice())
-        {
+        if let Some(what) = format::probe_signature(read_head(dev, probe_len)?.as_slice()) {
             return Err(Error::Occupied(what.to_owned()));
         }
     }
@@ -389,12 +391,7 @@ impl CoreStore {
     ) -> Result<(), ShardRequest> {
         let Some(local) = self.local_shard(&req.op.chunk()) else {
             let e = Error::BadRequest(format!("chunk {} is not on this core", req.op.chunk()));
-            out.push(ShardCompletion {
-                tag: req.tag,
-                result: Err(e),
-                buf: req.op.into_buf(),
-                unverified: None,
-            });
+            out.push(ShardCompletion::refused(req, e));
             return Ok(());
         };
         self.shards[local].submit(req, out)

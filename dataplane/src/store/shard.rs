@@ -501,13 +501,7 @@ impl Shard {
         out: &mut Vec<ShardCompletion>,
     ) -> Result<(), ShardRequest> {
         if let Err(e) = self.check(&req.op) {
-            let buf = req.op.into_buf();
-            out.push(ShardCompletion {
-                tag: req.tag,
-                result: Err(e),
-                buf,
-                unverified: None,
-            });
+            out.push(ShardCompletion::refused(req, e));
             return Ok(());
         }
         if let ChunkOp::Stat { chunk } = req.op {
@@ -524,12 +518,7 @@ impl Shard {
             if let Some(f) = &self.failed {
                 let e = Error::Io { errno: 5 };
                 tracing::debug!(shard = self.id, failure = %f, "write refused on failed shard");
-                out.push(ShardCompletion {
-                    tag: req.tag,
-                    result: Err(e),
-                    buf: req.op.into_buf(),
-                    unverified: None,
-                });
+                out.push(ShardCompletion::refused(req, e));
                 return Ok(());
             }
         }
