@@ -210,9 +210,11 @@ impl Engine {
                         thread: std::thread::current(),
                         status: Mutex::new(CoreStatus { core: i, cpu, pinned_by, shards: shard_ids, ..CoreStatus::default() }),
                     });
-                    if tx.send(Ok(Arc::clone(&shared))).is_err() {
+                                        if tx.send(Ok(Arc::clone(&shared))).is_err() {
                         return;
                     }
+                    // Let `start` see the channel close if another core dies opening.
+                    drop(tx);
                     core.run(store, &shared, &stop, &perf);
                 })
                 .map_err(|e| Error::Open { path: "dataplane thread".into(), source: e })?;

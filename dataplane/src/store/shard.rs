@@ -18,7 +18,8 @@
 //! - writes to overlapping blocks of a chunk, and truncate/delete, run one at a time in
 //!   arrival order; disjoint in-place writes to one chunk run concurrently;
 //! - copy-on-write, truncate and delete wait for every other write to the chunk;
-//! - truncate waits for reads of the chunk (a truncated block may be rewritten in place);
+//! - a write whose blocks a running read covers goes copy-on-write (a block truncated
+//!   after the read began must not be rewritten in place under it);
 //! - reads never wait: they see the committed state at their start, snapshotting the
 //!   present bits and crcs they will verify against; extents they read stay allocated
 //!   until they finish.
@@ -626,15 +627,14 @@ impl Shard {
         if s.kind == Kind::Read {
             return true;
         }
-        let exclusive = s.kind != Kind::Write || self.overwrites_committed(s);
+        let exclusive = s.kind != Kind::Write || self.needs_cow(s);
         for (j, o) in self.slots.iter().enumerate() {
             if j == i || o.stage == Stage::Free || o.chunk != s.chunk {
                 continue;
             }
             if o.kind == Kind::Read {
-                if s.kind == Kind::Truncate && o.stage == Stage::Reading {
-                    return false;
-                }
+                // Reads never hold a mutation back: a write that would change blocks
+                // a running read covers goes copy-on-write instead (see needs_cow).
                 continue;
             }
             // Another mutation of this chunk: earlier arrivals go first; running ones
@@ -655,11 +655,24 @@ impl Shard {
         true
     }
 
-    fn overwrites_committed(&self, s: &Slot) -> bool {
-        match self.index.get(&s.chunk) {
-            Some(m) if m.version > 0 => s.blocks().any(|b| self.index.is_present(m.extent, b)),
-            _ => false,
-        }
+    /// Whether write `s` must go copy-on-write: it overwrites committed blocks, or a
+    /// read in flight covers some of its blocks in the chunk's current extent. The
+    /// second case is a block truncated after the read began: rewriting it in place
+    /// would change bytes under the read's recorded crc. Copy-on-write leaves the old
+    /// extent untouched (and retired) until the read ends, so reads never wait.
+    fn needs_cow(&self, s: &Slot) -> bool {
+        let Some(m) = self.index.get(&s.chunk).filter(|m| m.version > 0) else {
+            return false;
+        };
+        s.blocks().any(|b| self.index.is_present(m.extent, b))
+            || self.slots.iter().any(|o| {
+                o.kind == Kind::Read
+                    && o.stage == Stage::Reading
+                    && o.chunk == s.chunk
+                    && o.extent == m.extent
+                    && s.first_block < o.first_block + o.nblocks
+                    && o.first_block < s.first_block + s.nblocks
+            })
     }
 
     fn admit_deferred(&mut self, dev: &mut dyn BlockDevice, out: &mut Vec<ShardCompletion>) {
@@ -754,7 +767,7 @@ impl Shard {
 
     fn start_write(&mut self, dev: &mut dyn BlockDevice, i: usize, out: &mut Vec<ShardCompletion>) {
         let chunk = self.slots[i].chunk;
-        let cow = self.overwrites_committed(&self.slots[i]);
+        let cow = self.needs_cow(&self.slots[i]);
         let scratch = if cow {
             match self.scratch_pool.alloc() {
                 Some(b) => Some(b),
@@ -840,11 +853,24 @@ impl Shard {
     ) {
         if let Err((e, req)) = dev.submit(req) {
             // The core sizes the device queue for every slot, so this is a bad request.
+            // A read gives back its hold on the extent it was going to read.
             let s = &mut self.slots[i];
-            if s.stage == Stage::CowReading {
-                s.scratch = req.buf;
-            } else {
-                s.buf = req.buf;
+            match s.stage {
+                Stage::CowReading => {
+                    s.scratch = req.buf;
+                    let source = self
+                        .index
+                        .get(&s.chunk)
+                        .expect("cow source stays committed")
+                        .extent;
+                    self.index.reader_exit(source);
+                }
+                Stage::Reading => {
+                    s.buf = req.buf;
+                    let extent = s.extent;
+                    self.index.reader_exit(extent);
+                }
+                _ => s.buf = req.buf,
             }
             self.fail_op(i, e, out);
         }
@@ -872,7 +898,9 @@ impl Shard {
                     s.stage
                 );
                 if s.cow {
-                    s.scratch = c.buf;
+                    // The merged copy is on the device: give the scratch back now, not
+                    // at commit, so other copy-on-writes need not wait a WAL round-trip.
+                    drop(c.buf);
                 } else {
                     s.buf = c.buf;
                 }
@@ -1299,11 +1327,16 @@ impl Shard {
         self.complete(i, Err(e), out);
     }
 
+    /// Whether another write is running on `chunk` (and so still uses its pending
+    /// extent). Deferred ops do not count: a write that starts later reserves afresh,
+    /// and a truncate or delete of a never-committed chunk changes nothing.
     fn other_ops_on(&self, i: usize, chunk: ChunkId) -> bool {
-        self.slots
-            .iter()
-            .enumerate()
-            .any(|(j, o)| j != i && o.stage != Stage::Free && o.chunk == chunk && o.mutates())
+        self.slots.iter().enumerate().any(|(j, o)| {
+            j != i
+                && o.chunk == chunk
+                && o.kind == Kind::Write
+                && !matches!(o.stage, Stage::Free | Stage::Deferred)
+        })
     }
 
     fn complete(
