@@ -142,6 +142,8 @@ fn exercise(engine: &Arc<Engine>) {
 #[test]
 fn two_cores_on_mem_device() {
     let (dev, sb) = mem_store(64 << 20, 4);
+    // Requests stay in flight across polls on the first core's queue.
+    let dev = dev.with_delays(7);
     let second = dev.another_queue();
     let pool = DmaPool::new("data", 64 << 10, 64, PagePolicy::PreferHuge).unwrap();
     let perf = Perf::new(&SCHEMA, 2);

@@ -45,15 +45,18 @@ fn universe() -> Vec<ChunkId> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
-    fn store_matches_model(steps in prop::collection::vec(step_strategy(), 1..40), reorder in any::<u64>()) {
-        // A small device with a small WAL, so long runs roll through snapshots.
+        fn store_matches_model(steps in prop::collection::vec(step_strategy(), 1..40), reorder in any::<u64>(), delays in any::<bool>()) {// A small device with a small WAL, so long runs roll through snapshots.
         let mut opts = geometry_opts();
         opts.shards = 1;
         let (image, _) = formatted_image(4 << 20, &opts);
-        let mut h = Harness::open(MemDevice::from_image(image, 64).with_reorder(reorder)).unwrap();
+                // Completions come back in a random order, and with `delays` requests also stay
+        // in flight across polls (reads and copies overlapping commits).
+        let dev = MemDevice::from_image(image, 64);
+        let dev = if delays { dev.with_delays(reorder) } else { dev.with_reorder(reorder) };
+        let mut h = Harness::open(dev).unwrap();
         let mut model = Model::default();
         for step in &steps {
             match step {

@@ -143,6 +143,9 @@ pub struct MemDevice {
     in_flight: usize,
     queue_depth_max: usize,
     reorder: Option<StdRng>,
+    /// With `with_delays`: each poll executes only a random part of what is queued, so
+    /// requests stay in flight across polls (and across other requests' completions).
+    delays: bool,
 }
 
 impl MemDevice {
@@ -177,12 +180,21 @@ impl MemDevice {
             in_flight: 0,
             queue_depth_max,
             reorder: None,
+            delays: false,
         }
     }
 
     /// Execute and complete each poll's batch in a random order drawn from `seed`.
     pub fn with_reorder(mut self, seed: u64) -> Self {
         self.reorder = Some(StdRng::seed_from_u64(seed));
+        self
+    }
+
+    /// Like `with_reorder`, and each poll also leaves a random part of the queued
+    /// requests in flight for later polls (at least one executes, so work progresses).
+    pub fn with_delays(mut self, seed: u64) -> Self {
+        self.reorder = Some(StdRng::seed_from_u64(seed));
+        self.delays = true;
         self
     }
 
@@ -195,6 +207,7 @@ impl MemDevice {
             in_flight: 0,
             queue_depth_max: self.queue_depth_max,
             reorder: None,
+            delays: false,
         }
     }
 
@@ -297,14 +310,18 @@ impl BlockDevice for MemDevice {
         Ok(())
     }
     fn poll(&mut self, done: &mut Vec<IoCompletion>) -> usize {
-        let n = self.queued.len();
-        if n == 0 {
+        if self.queued.is_empty() {
             return 0;
         }
         let mut batch: Vec<IoRequest> = self.queued.drain(..).collect();
         if let Some(rng) = self.reorder.as_mut() {
             batch.shuffle(rng);
+            if self.delays {
+                let run = rng.gen_range(1..=batch.len());
+                self.queued.extend(batch.drain(run..));
+            }
         }
+        let n = batch.len();
         let mut st = self.state.lock();
         for mut req in batch {
             let result = Self::execute(&mut st, &mut req);
@@ -395,6 +412,40 @@ mod tests {
         assert!(matches!(r, Err(Error::Io { errno: 5 })));
         assert!(h.is_dead());
         assert!(h.current_image()[..4096].iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn delays_keep_requests_in_flight_across_polls() {
+        let pool = DmaPool::new("t", 4096, 16, PagePolicy::Normal).unwrap();
+        let mut dev = MemDevice::new(16 * 4096, 16).with_delays(11);
+        for i in 0..16u64 {
+            let mut b = pool.alloc().unwrap();
+            b.as_mut_slice().fill(i as u8);
+            dev.submit(IoRequest {
+                tag: i,
+                kind: IoKind::Write,
+                offset: i * 4096,
+                len: 4096,
+                buf: Some(b),
+            })
+            .unwrap();
+        }
+        let mut done = Vec::new();
+        let first = dev.poll(&mut done);
+        assert!(
+            first >= 1 && dev.in_flight() == 16 - first,
+            "some stay in flight"
+        );
+        let mut polls = 1;
+        while dev.in_flight() > 0 {
+            dev.poll(&mut done);
+            polls += 1;
+            assert!(polls <= 16, "every poll executes at least one request");
+        }
+        let mut tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
+        tags.sort_unstable();
+        assert_eq!(tags, (0..16).collect::<Vec<_>>());
+        assert!(polls > 1, "seed 11 spreads the batch over several polls");
     }
 
     #[test]
