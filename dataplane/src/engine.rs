@@ -9,7 +9,7 @@
 //! with few cores this keeps an idle dataplane from starving everything else; set
 //! `idle_spin_us` high for pure polling.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -179,7 +179,7 @@ impl Engine {
                 .pin
                 .then(|| cpus.get(i % cpus.len().max(1)).copied())
                 .flatten();
-            let core = CoreLoop::config(i, opts, cpu);
+            let core = CoreLoop::config(i, opts);
             let (g, stop, tx, perf) = (
                 g.clone(),
                 Arc::clone(&stop),
@@ -500,7 +500,7 @@ struct Origin {
 }
 
 impl CoreLoop {
-    fn config(index: usize, opts: &EngineOptions, _cpu: Option<usize>) -> Self {
+    fn config(index: usize, opts: &EngineOptions) -> Self {
         CoreLoop {
             index,
             idle_spin: Duration::from_micros(opts.idle_spin_us),
@@ -518,7 +518,7 @@ impl CoreLoop {
         let mut last_work = Instant::now();
         let mut park = Duration::from_micros(10);
         let mut last_status = Instant::now() - Duration::from_secs(1);
-        let parks = AtomicU64::new(0);
+        let mut parks = 0u64;
         let counters = perf.core(self.index);
         loop {
             let mut work = 0usize;
@@ -597,7 +597,7 @@ impl CoreLoop {
                         .iter()
                         .filter_map(|s| s.failure().map(str::to_owned))
                         .collect();
-                    st.parks = parks.load(Ordering::Relaxed);
+                    st.parks = parks;
                 }
             }
             if work > 0 {
@@ -628,7 +628,7 @@ impl CoreLoop {
             fence(Ordering::SeqCst);
             if shared.ring.is_empty() && !stop.load(Ordering::Acquire) {
                 std::thread::park_timeout(park);
-                parks.fetch_add(1, Ordering::Relaxed);
+                parks += 1;
                 park = (park * 2).min(self.park_max);
             }
             shared.sleeping.store(false, Ordering::SeqCst);

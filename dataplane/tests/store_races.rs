@@ -81,6 +81,15 @@ fn write_op(pool: &Arc<DmaPool>, chunk: ChunkId, offset: u32, len: u32, fill: u8
         buf,
     }
 }
+fn read_op(pool: &Arc<DmaPool>, chunk: ChunkId, offset: u32, len: u32) -> ChunkOp {
+    ChunkOp::Read {
+        chunk,
+        offset,
+        len,
+        buf: pool.alloc().unwrap(),
+    }
+}
+
 fn req(tag: u64, op: ChunkOp) -> ShardRequest {
     ShardRequest {
         tag,
@@ -121,20 +130,8 @@ fn truncate_then_inplace_rewrite_races_with_read() {
     )
     .unwrap();
     hold.store(true, Ordering::SeqCst);
-    let rbuf = pool.alloc().unwrap();
-    st.submit(
-        req(
-            3,
-            ChunkOp::Read {
-                chunk: C,
-                offset: 4096,
-                len: 4096,
-                buf: rbuf,
-            },
-        ),
-        &mut out,
-    )
-    .unwrap();
+    st.submit(req(3, read_op(&pool, C, 4096, 4096)), &mut out)
+        .unwrap();
     pump(&mut st, &mut out); // truncate commits; the read is still in flight
     let t = out.iter().position(|c| c.tag == 2).expect("truncate done");
     assert!(out.remove(t).result.is_ok());
@@ -164,19 +161,8 @@ fn truncate_then_inplace_rewrite_races_with_read() {
         Err(e) => panic!("read admitted before the truncate committed failed: {e}"),
     }
     // A read after the rewrite sees the new bytes.
-    st.submit(
-        req(
-            5,
-            ChunkOp::Read {
-                chunk: C,
-                offset: 4096,
-                len: 4096,
-                buf: pool.alloc().unwrap(),
-            },
-        ),
-        &mut out,
-    )
-    .unwrap();
+    st.submit(req(5, read_op(&pool, C, 4096, 4096)), &mut out)
+        .unwrap();
     pump(&mut st, &mut out);
     let r = out.pop().expect("second read done");
     assert_eq!(r.tag, 5);
@@ -227,19 +213,8 @@ fn refused_read_submit_leaks_reader_count() {
     out.clear();
     let e = st.shards()[0].index().get(&C).unwrap().extent;
     refuse.store(true, Ordering::SeqCst);
-    st.submit(
-        req(
-            2,
-            ChunkOp::Read {
-                chunk: C,
-                offset: 0,
-                len: 4096,
-                buf: pool.alloc().unwrap(),
-            },
-        ),
-        &mut out,
-    )
-    .unwrap();
+    st.submit(req(2, read_op(&pool, C, 0, 4096)), &mut out)
+        .unwrap();
     pump(&mut st, &mut out);
     assert!(out.pop().unwrap().result.is_err());
     refuse.store(false, Ordering::SeqCst);

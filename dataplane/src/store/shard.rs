@@ -700,16 +700,15 @@ impl Shard {
             Kind::Read => self.start_read(dev, i, out),
             Kind::Write => self.start_write(dev, i, out),
             Kind::Truncate | Kind::Delete => {
+                self.leave_deferred(i);
                 let chunk = self.slots[i].chunk;
                 if self.index.get(&chunk).is_none_or(|m| m.version == 0) {
                     // Nothing committed: deleting or truncating it changes nothing.
-                    self.leave_deferred(i);
                     let info = self.committed_info(&chunk);
                     self.complete(i, Ok(info), out);
-                    return;
+                } else {
+                    self.slots[i].stage = Stage::ReadyForWal;
                 }
-                self.leave_deferred(i);
-                self.slots[i].stage = Stage::ReadyForWal;
             }
         }
     }
@@ -1296,10 +1295,7 @@ impl Shard {
             let stuck = matches!(st, Stage::ReadyForWal | Stage::Deferred)
                 || (st == Stage::InWal && self.wal_state == WalState::Idle);
             if self.slots[i].mutates() && stuck {
-                if st == Stage::Deferred {
-                    self.deferred -= 1;
-                    self.slots[i].stage = Stage::ReadyForWal;
-                }
+                // fail_op knows a deferred op reserved nothing and leaves `deferred`.
                 self.fail_op(i, Error::Io { errno: 5 }, out);
             }
         }

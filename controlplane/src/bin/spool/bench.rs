@@ -128,7 +128,7 @@ pub fn run(b: &DeviceBench) -> Result<()> {
     let pool = DmaPool::new("bench", bs as usize, qd + 2, PagePolicy::PreferHuge)?;
     let huge = pool.is_hugepage_backed();
     let mut rows: Vec<Row> = Vec::new();
-    let mut total = 0;
+
     for round in 0..b.repeat {
         // A fresh store each round: rewriting committed chunks would measure
         // copy-on-write, not sequential writes.
@@ -139,7 +139,7 @@ pub fn run(b: &DeviceBench) -> Result<()> {
         let g = sb.geometry.clone();
         let chunk = u64::from(g.chunk_size);
         // Write 3/4 of the store's capacity, in whole chunks, at most 8 GiB.
-        total = (g.capacity_bytes() * 3 / 4).min(8 << 30) / chunk * chunk;
+        let total = (g.capacity_bytes() * 3 / 4).min(8 << 30) / chunk * chunk;
         if total < chunk {
             bail!("--size is too small for a benchmark");
         }
@@ -212,7 +212,7 @@ pub fn run(b: &DeviceBench) -> Result<()> {
         }
         eprintln!("bench: round {} of {} done", round + 1, b.repeat);
     }
-    let _ = total;
+
     print_table(&rows, b)?;
     Ok(())
 }
