@@ -51,7 +51,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const SOCKET_PATH_MAX_BYTES: usize = 107;
 
-const COMMANDS: &str = "status, perf dump, config show, log level";
+const COMMANDS: &str = "status, perf dump, config show, log level, mount, umount";
 
 /// What the admin socket serves. Implemented by the daemon. The methods run on a
 /// blocking-task thread, so they may take locks or do short I/O.
@@ -65,6 +65,10 @@ pub trait AdminTarget: Send + Sync + 'static {
     /// `{"cmd":"log level","level":L}`: changes the log filter; the error is shown to
     /// the operator.
     fn set_log_level(&self, level: &str) -> Result<(), String>;
+    /// `{"cmd":"mount","path":P}`: mounts the namespace at `P`.
+    fn mount(&self, path: &str) -> Result<Value, String>;
+    /// `{"cmd":"umount"}`: unmounts it (dirty data flushed first).
+    fn umount(&self) -> Result<Value, String>;
 }
 
 /// A parsed admin request (public for the fuzz target and its corpus test).
@@ -74,6 +78,8 @@ pub enum Request {
     PerfDump,
     ConfigShow,
     LogLevel(String),
+    Mount(String),
+    Umount,
 }
 
 /// The fuzz target's body (dataplane/fuzz `admin_request`, and the corpus replay in
@@ -88,6 +94,8 @@ pub fn fuzz_parse_request(data: &[u8]) {
                 Request::PerfDump => serde_json::json!({"cmd": "perf dump"}),
                 Request::ConfigShow => serde_json::json!({"cmd": "config show"}),
                 Request::LogLevel(level) => serde_json::json!({"cmd": "log level", "level": level}),
+                Request::Mount(path) => serde_json::json!({"cmd": "mount", "path": path}),
+                Request::Umount => serde_json::json!({"cmd": "umount"}),
             };
             let again = parse_request(canonical.to_string().as_bytes());
             assert_eq!(again, Ok(Some(req)), "canonical form of a parsed request");
@@ -140,6 +148,16 @@ pub fn parse_request(line: &[u8]) -> Result<Option<Request>, String> {
                 )
             }
         },
+        "mount" => match obj.get("path") {
+            Some(Value::String(path)) if !path.is_empty() => Request::Mount(path.clone()),
+            _ => {
+                return Err(
+                    r#"mount: missing string field "path", e.g. {"cmd":"mount","path":"/mnt/spool"}"#
+                        .to_owned(),
+                )
+            }
+        },
+        "umount" => Request::Umount,
         other => return Err(format!("unknown command {other:?}; commands: {COMMANDS}")),
     };
     Ok(Some(request))
@@ -171,6 +189,8 @@ async fn execute(target: &Arc<dyn AdminTarget>, request: Request) -> Vec<u8> {
         Request::PerfDump => "perf dump",
         Request::ConfigShow => "config show",
         Request::LogLevel(_) => "log level",
+        Request::Mount(_) => "mount",
+        Request::Umount => "umount",
     };
     tracing::debug!(cmd = name, "admin request");
     let outcome = tokio::task::spawn_blocking(move || match request {
@@ -180,6 +200,8 @@ async fn execute(target: &Arc<dyn AdminTarget>, request: Request) -> Vec<u8> {
         Request::LogLevel(level) => target
             .set_log_level(&level)
             .map(|()| json!({ "level": level })),
+        Request::Mount(path) => target.mount(&path),
+        Request::Umount => target.umount(),
     })
     .await;
     match outcome {

@@ -43,6 +43,43 @@ pub struct Config {
     /// `[log]`
     #[serde(default)]
     pub log: LogConfig,
+    /// `[mount]`
+    #[serde(default)]
+    pub mount: MountConfig,
+}
+
+/// `[mount]`: the FUSE mount the daemon serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MountConfig {
+    /// Directory to mount Spool on at start; none = no mount (mount later with
+    /// `spool mount`). An absolute path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mountpoint: Option<PathBuf>,
+    /// FUSE request threads, 1..64 (default 4).
+    pub threads: usize,
+    /// Kernel writeback cache: write(2) returns once the page cache holds the data;
+    /// fsync and close make it durable (default true).
+    pub writeback_cache: bool,
+    /// Kernel readahead for the mount, a multiple of 4KiB, 4KiB..1GiB (default 16MiB).
+    pub readahead: ByteSize,
+    /// How long the kernel caches attributes and names, 0..3600000 (default 1000).
+    pub attr_ttl_ms: u64,
+    /// Let every user use the mount (allow_other; default true: jobs rarely run as root).
+    pub allow_other: bool,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig {
+            mountpoint: None,
+            threads: 4,
+            writeback_cache: true,
+            readahead: ByteSize::mib(16),
+            attr_ttl_ms: 1000,
+            allow_other: true,
+        }
+    }
 }
 
 /// `[node]`
@@ -323,7 +360,18 @@ const HUGEPAGES_BUFFERS: IntRange = IntRange {
     max: 1_000_000,
 };
 
-const INT_RANGES: [&IntRange; 8] = [
+const MOUNT_THREADS: IntRange = IntRange {
+    key: "mount.threads",
+    min: 1,
+    max: 64,
+};
+const MOUNT_ATTR_TTL_MS: IntRange = IntRange {
+    key: "mount.attr_ttl_ms",
+    min: 0,
+    max: 3_600_000,
+};
+
+const INT_RANGES: [&IntRange; 10] = [
     &DEVICE_SHARDS,
     &DEVICE_QUEUE_DEPTH,
     &DATAPLANE_CORES,
@@ -332,6 +380,8 @@ const INT_RANGES: [&IntRange; 8] = [
     &DATAPLANE_IDLE_PARK_MAX_US,
     &DATAPLANE_RING_CAPACITY,
     &HUGEPAGES_BUFFERS,
+    &MOUNT_THREADS,
+    &MOUNT_ATTR_TTL_MS,
 ];
 
 const CHUNK_SIZE_MIN: ByteSize = ByteSize::kib(64);
@@ -410,6 +460,15 @@ impl Config {
         self.dataplane.check(self.device.chunk_size, &mut p);
         HUGEPAGES_BUFFERS.check(self.hugepages.buffers as u64, &mut p);
         check_socket_path(&self.admin.socket, &mut p);
+        self.mount.check(&mut p);
+        // Each FUSE thread holds up to two buffers while it waits for more.
+        let need = 2 * self.mount.threads + 8;
+        if self.hugepages.buffers < need {
+            p.push(format!(
+                "hugepages.buffers = {}: must be at least 2 x mount.threads + 8 = {need}",
+                self.hugepages.buffers
+            ));
+        }
         if let Err(why) = crate::logging::parse_level(&self.log.level) {
             p.push(format!("log.level = {:?}: {why}", self.log.level));
         }
@@ -511,6 +570,28 @@ impl DataplaneConfig {
             p.push(format!(
                 "dataplane.io_size_max = {io}: must be a multiple of 4KiB between 4KiB and \
                  device.chunk_size ({chunk_size})"
+            ));
+        }
+    }
+}
+
+impl MountConfig {
+    fn check(&self, p: &mut Vec<String>) {
+        MOUNT_THREADS.check(self.threads as u64, p);
+        MOUNT_ATTR_TTL_MS.check(self.attr_ttl_ms, p);
+        if let Some(m) = &self.mountpoint {
+            if !m.is_absolute() {
+                p.push(format!(
+                    "mount.mountpoint = {:?}: must be an absolute path",
+                    m.display().to_string()
+                ));
+            }
+        }
+        let ra = self.readahead.0;
+        if ra % BLOCK != 0 || !(BLOCK..=1 << 30).contains(&ra) {
+            p.push(format!(
+                "mount.readahead = {}: must be a multiple of 4KiB between 4KiB and 1GiB",
+                self.readahead
             ));
         }
     }

@@ -44,6 +44,12 @@ impl AdminTarget for FakeDaemon {
         self.levels.lock().unwrap().push(level.to_owned());
         Ok(())
     }
+    fn mount(&self, path: &str) -> Result<Value, String> {
+        Err(format!("the fake daemon cannot mount {path}"))
+    }
+    fn umount(&self) -> Result<Value, String> {
+        Err("nothing is mounted".to_owned())
+    }
 }
 
 fn fake() -> Arc<FakeDaemon> {

@@ -3,6 +3,7 @@
 
 pub mod affinity;
 pub mod blkdev;
+pub mod mount;
 pub mod uring;
 
 /// The one error type of this crate.

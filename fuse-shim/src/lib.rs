@@ -1,2 +1,14 @@
-//! The FUSE filesystem that turns POSIX calls into dataplane requests (issue: FUSE mount).
+//! The FUSE mount: POSIX calls become namespace records and chunk operations on the
+//! dataplane (docs/design/fuse.md).
 #![forbid(unsafe_code)]
+
+pub mod data;
+pub mod error;
+pub mod fs;
+pub mod io;
+pub mod meta;
+pub mod mount;
+
+pub use error::{Error, Result};
+pub use meta::Namespace;
+pub use mount::{MountOptions, Mounted};

@@ -70,6 +70,17 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         socket: PathBuf,
     },
+    /// Mount the running daemon's namespace at MOUNTPOINT (FUSE).
+    Mount {
+        mountpoint: PathBuf,
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Unmount it: dirty data is flushed and the namespace checkpointed first.
+    Umount {
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+    },
     /// Benchmarks against the machine's limits.
     Bench {
         #[command(subcommand)]
@@ -169,6 +180,17 @@ fn run(cli: Cli) -> Result<()> {
             println!("log level set to {level}");
             Ok(())
         }
+        Cmd::Mount { mountpoint, socket } => {
+            let path = std::path::absolute(&mountpoint)?;
+            let v = ask(&socket, json!({"cmd": "mount", "path": path}))?;
+            println!("mounted at {}", v["mountpoint"].as_str().unwrap_or("?"));
+            Ok(())
+        }
+        Cmd::Umount { socket } => {
+            let v = ask(&socket, json!({"cmd": "umount"}))?;
+            println!("unmounted {}", v["mountpoint"].as_str().unwrap_or("?"));
+            Ok(())
+        }
         Cmd::Bench {
             cmd: BenchCmd::Device(b),
         } => bench::run(&b),
@@ -206,6 +228,24 @@ fn print_status(v: &Value) {
             "ordinary pages"
         }
     );
+    let m = &v["mount"];
+    if m.is_object() {
+        println!(
+            "mount     {} ({} inodes, {} dirty, {} orphans; log {} B, checkpoint {} B, generation {}){}",
+            m["mountpoint"].as_str().unwrap_or("not mounted"),
+            m["inodes"],
+            m["dirty_inodes"],
+            m["orphans"],
+            m["log_bytes"],
+            m["checkpoint_bytes"],
+            m["generation"],
+            if m["failed"].as_bool() == Some(true) {
+                "  FAILED: metadata log unwritable, restart the daemon"
+            } else {
+                ""
+            }
+        );
+    }
     for c in e["cores"].as_array().into_iter().flatten() {
         let failures = c["failures"].as_array().map(|f| f.len()).unwrap_or(0);
         println!(

@@ -2,9 +2,9 @@
 //! the DMA pool, the dataplane engine, the admin socket and metrics; and taking it down
 //! cleanly on SIGTERM or SIGINT.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -19,6 +19,8 @@ use spool_dataplane::engine::{Engine, EngineOptions};
 use spool_dataplane::metrics::SCHEMA;
 use spool_dataplane::store::{self, FormatOptions, Superblock};
 use spool_dataplane::Error as DpError;
+use spool_fuse_shim::io::ChunkIo;
+use spool_fuse_shim::{MountOptions, Mounted, Namespace};
 use spool_hugepages::{DmaPool, PagePolicy};
 use spool_perf::Perf;
 
@@ -76,16 +78,83 @@ struct Node {
     engine: Arc<Engine>,
     log: LogHandle,
     started: Instant,
+    /// The namespace, loaded at the first mount (recovery runs then).
+    ns: Mutex<Option<Arc<Namespace>>>,
+    mount: Mutex<Option<Mounted>>,
+}
+
+impl Node {
+    fn namespace(&self) -> Result<Arc<Namespace>> {
+        let mut ns = self.ns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = ns.as_ref() {
+            return Ok(Arc::clone(n));
+        }
+        let t0 = Instant::now();
+        let io = Arc::new(ChunkIo::new(Arc::clone(&self.engine)));
+        let n = Arc::new(Namespace::open(io).context("loading the namespace")?);
+        tracing::info!(
+            ms = t0.elapsed().as_millis() as u64,
+            inodes = n.status().inodes,
+            "namespace loaded"
+        );
+        *ns = Some(Arc::clone(&n));
+        Ok(n)
+    }
+
+    fn do_mount(&self, path: &Path) -> Result<PathBuf> {
+        let mut m = self.mount.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cur) = m.as_ref() {
+            bail!("already mounted at {}", cur.mountpoint().display());
+        }
+        let c = &self.config.mount;
+        let opts = MountOptions {
+            mountpoint: path.to_owned(),
+            threads: c.threads,
+            writeback_cache: c.writeback_cache,
+            readahead_bytes: c.readahead.0,
+            attr_ttl: Duration::from_millis(c.attr_ttl_ms),
+            allow_other: c.allow_other,
+            attr_flush: Duration::from_secs(1),
+        };
+        let mounted = Mounted::mount(self.namespace()?, &opts)?;
+        *m = Some(mounted);
+        Ok(path.to_owned())
+    }
+
+    fn do_umount(&self) -> Result<PathBuf> {
+        let mounted = self
+            .mount
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .context("nothing is mounted")?;
+        let path = mounted.mountpoint().to_owned();
+        mounted.unmount()?;
+        Ok(path)
+    }
 }
 
 impl AdminTarget for Node {
     fn status(&self) -> Value {
+        let ns = self.ns.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mountpoint = self
+            .mount
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|m| m.mountpoint().display().to_string());
+        let mount = ns.map(|n| {
+            let mut v = serde_json::to_value(n.status()).unwrap_or(Value::Null);
+            v["mountpoint"] = json!(mountpoint);
+            v
+        });
         json!({
             "node": self.config.node.name,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),
             "log_level": self.log.level(),
             "engine": self.engine.status(),
+            "mount": mount,
         })
     }
     fn perf_dump(&self) -> Value {
@@ -97,6 +166,16 @@ impl AdminTarget for Node {
     }
     fn set_log_level(&self, level: &str) -> Result<(), String> {
         self.log.set_level(level).map_err(|e| e.to_string())
+    }
+    fn mount(&self, path: &str) -> Result<Value, String> {
+        self.do_mount(Path::new(path))
+            .map(|p| json!({"mountpoint": p}))
+            .map_err(|e| format!("{e:#}"))
+    }
+    fn umount(&self) -> Result<Value, String> {
+        self.do_umount()
+            .map(|p| json!({"mountpoint": p}))
+            .map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -239,7 +318,12 @@ pub fn serve(config_path: &Path) -> Result<()> {
         engine: Arc::clone(&engine),
         log,
         started: Instant::now(),
+        ns: Mutex::new(None),
+        mount: Mutex::new(None),
     });
+    if let Some(mp) = &cfg.mount.mountpoint {
+        node.do_mount(mp)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("spool-ctl")
@@ -264,6 +348,15 @@ pub fn serve(config_path: &Path) -> Result<()> {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             r = tokio::signal::ctrl_c() => { r.context("SIGINT handler")?; tracing::info!("SIGINT: shutting down") }
         }
+        // Unmount first: the kernel flushes dirty pages through us while we still serve.
+        if node.mount.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            let n = Arc::clone(&node);
+            match tokio::task::spawn_blocking(move || n.do_umount()).await {
+                Ok(Ok(p)) => tracing::info!(mountpoint = %p.display(), "unmounted"),
+                Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "unmount"),
+                Err(e) => tracing::error!(error = %e, "unmount task"),
+            }
+        }
         stop_tx.send_replace(true);
         if let Err(e) = admin_task.await {
             tracing::warn!(error = %e, "admin server task");
@@ -275,6 +368,8 @@ pub fn serve(config_path: &Path) -> Result<()> {
         }
         anyhow::Ok(())
     })?;
+    // The namespace holds engine clients; drop it before stopping the engine.
+    node.ns.lock().unwrap_or_else(|p| p.into_inner()).take();
     drop(node);
     match Arc::try_unwrap(engine) {
         Ok(e) => e.shutdown(),

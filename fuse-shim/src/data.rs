@@ -1,0 +1,390 @@
+//! File data on the chunk store: byte `o` of inode `i` is byte `o % chunk_size` of chunk
+//! `(i, o / chunk_size)`.
+//!
+//! Rules that keep the device and the namespace consistent:
+//! - A write is acknowledged only when every piece is durable; the size that makes it
+//!   visible is logged later (fsync, close, the flusher), so a logged size never covers
+//!   data that is not durable.
+//! - `alloc_end` (logged before any write beyond it) bounds every byte ever written, so
+//!   recovery can purge data of writes that were never made visible.
+//! - Device bytes past the size in the last block are zeros and later blocks are holes
+//!   (truncate zeroes and drops them; recovery purges), so growing a file exposes zeros.
+
+use spool_dataplane::store::{ChunkId, ChunkOp, BLOCK_SIZE};
+use spool_hugepages::DmaBuf;
+
+use crate::error::{errno, Error, Result};
+use crate::meta::record::Kind;
+use crate::meta::{now_ns, Namespace};
+
+const BLOCK: u64 = BLOCK_SIZE as u64;
+/// `alloc_end` grows in steps of at least this, so a sequential writer logs its
+/// allocation a few times per file rather than per write.
+const ALLOC_STEP_MIN_BYTES: u64 = 64 << 20;
+const ALLOC_STEP_MAX_BYTES: u64 = 1 << 30;
+
+fn round_down(v: u64, a: u64) -> u64 {
+    v / a * a
+}
+fn round_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+/// One aligned piece of a file range inside one chunk and one DMA buffer.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    /// File offset of the piece (block-aligned) and its length (whole blocks).
+    start: u64,
+    len: u64,
+}
+
+impl Namespace {
+    /// Largest file size: chunk indexes are 32-bit.
+    pub fn file_size_max(&self) -> u64 {
+        self.chunk_size.saturating_mul(1 << 32).min(i64::MAX as u64)
+    }
+
+    fn chunk_of(&self, ino: u64, off: u64) -> (ChunkId, u32) {
+        (
+            ChunkId {
+                inode: ino,
+                index: (off / self.chunk_size) as u32,
+            },
+            (off % self.chunk_size) as u32,
+        )
+    }
+
+    /// Block-aligned pieces covering `[off, end)`, split at chunk and buffer bounds.
+    fn pieces(&self, off: u64, end: u64) -> Vec<Piece> {
+        let step = u64::from(self.io.io_size_max);
+        let mut out = Vec::new();
+        let mut p = round_down(off, BLOCK);
+        let stop = round_up(end, BLOCK);
+        while p < stop {
+            let chunk_end = round_down(p, self.chunk_size) + self.chunk_size;
+            let len = (stop - p).min(step).min(chunk_end - p);
+            out.push(Piece { start: p, len });
+            p += len;
+        }
+        out
+    }
+
+    fn io_lock(&self, ino: u64) -> Result<std::sync::Arc<std::sync::Mutex<()>>> {
+        let st = self.lock();
+        let n = st.node(ino)?;
+        match n.rec.kind {
+            Kind::File => Ok(n.io.clone()),
+            Kind::Dir => errno(libc::EISDIR),
+            _ => errno(libc::EINVAL),
+        }
+    }
+
+    /// Reads `len` bytes at `off` (clipped at the size) and hands them to `f`: straight
+    /// from the DMA buffer when one piece covers the range.
+    pub fn read<R>(&self, ino: u64, off: u64, len: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        let size = {
+            let st = self.lock();
+            let n = st.node(ino)?;
+            if n.rec.kind == Kind::Dir {
+                return errno(libc::EISDIR);
+            }
+            n.rec.size
+        };
+        if off >= size || len == 0 {
+            return Ok(f(&[]));
+        }
+        let end = size.min(off + u64::from(len));
+        let pieces = self.pieces(off, end);
+        let ops: Vec<ChunkOp> = pieces
+            .iter()
+            .map(|p| {
+                let (chunk, coff) = self.chunk_of(ino, p.start);
+                let mut buf = self.io.buffer();
+                buf.set_len(p.len as usize);
+                ChunkOp::Read {
+                    chunk,
+                    offset: coff,
+                    len: p.len as u32,
+                    buf,
+                }
+            })
+            .collect();
+        let mut bufs: Vec<DmaBuf> = Vec::with_capacity(pieces.len());
+        for (r, buf) in self.io.run(ops) {
+            r?;
+            bufs.push(buf.expect("read buffer"));
+        }
+        if bufs.len() == 1 {
+            let skip = (off - pieces[0].start) as usize;
+            return Ok(f(&bufs[0].as_slice()[skip..skip + (end - off) as usize]));
+        }
+        let mut out = Vec::with_capacity((end - off) as usize);
+        for (p, b) in pieces.iter().zip(&bufs) {
+            let lo = off.max(p.start);
+            let hi = end.min(p.start + p.len);
+            out.extend_from_slice(&b.as_slice()[(lo - p.start) as usize..(hi - p.start) as usize]);
+        }
+        Ok(f(&out))
+    }
+
+    /// The block at `block_start` as it should be kept by a partial overwrite: device
+    /// bytes below `size`, zeros from `size` on.
+    fn read_block_for_merge(&self, ino: u64, block_start: u64, size: u64) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; BLOCK as usize];
+        if block_start >= size {
+            return Ok(out);
+        }
+        let (chunk, coff) = self.chunk_of(ino, block_start);
+        let mut buf = self.io.buffer();
+        buf.set_len(BLOCK as usize);
+        let (r, buf) = self.io.run_one(ChunkOp::Read {
+            chunk,
+            offset: coff,
+            len: BLOCK_SIZE,
+            buf,
+        });
+        r?;
+        let keep = (size - block_start).min(BLOCK) as usize;
+        out[..keep].copy_from_slice(&buf.expect("read buffer").as_slice()[..keep]);
+        Ok(out)
+    }
+
+    /// Writes `data` at `off`; durable when it returns. `None` data writes zeros.
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
+        let io = self.io_lock(ino)?;
+        let _g = io.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_locked(ino, off, data.len() as u64, Some(data))?;
+        Ok(data.len())
+    }
+
+    fn write_locked(&self, ino: u64, off: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = off.checked_add(len).ok_or(Error::Errno(libc::EFBIG))?;
+        if end > self.file_size_max() {
+            return errno(libc::EFBIG);
+        }
+        let (size, alloc_end) = {
+            let st = self.lock();
+            let n = st.node(ino)?;
+            (n.rec.size, n.rec.alloc_end)
+        };
+        if end > alloc_end {
+            // Log the allocation bound before any byte lands beyond it.
+            let step = end
+                .next_power_of_two()
+                .clamp(ALLOC_STEP_MIN_BYTES, ALLOC_STEP_MAX_BYTES);
+            let want = round_up(end, BLOCK)
+                .saturating_add(step)
+                .min(self.file_size_max());
+            self.update(ino, |r| {
+                r.alloc_end = r.alloc_end.max(want);
+                Ok(())
+            })?;
+        }
+        let pieces = self.pieces(off, end);
+        let first = pieces[0];
+        let last = *pieces.last().expect("at least one piece");
+        // Partial first and last blocks keep their other bytes.
+        let head = (off % BLOCK != 0
+            || (first.start == round_down(end, BLOCK) && end % BLOCK != 0))
+            .then(|| self.read_block_for_merge(ino, first.start, size))
+            .transpose()?;
+        let tail_block = round_down(end - 1, BLOCK);
+        let tail = (end % BLOCK != 0 && tail_block != first.start)
+            .then(|| self.read_block_for_merge(ino, tail_block, size))
+            .transpose()?;
+        let mut ops = Vec::with_capacity(pieces.len());
+        for p in &pieces {
+            let mut buf = self.io.buffer();
+            buf.set_len(p.len as usize);
+            let dst = buf.as_mut_slice();
+            if p.start == first.start {
+                if let Some(h) = &head {
+                    dst[..BLOCK as usize].copy_from_slice(h);
+                }
+            }
+            if p.start == last.start {
+                if let Some(t) = &tail {
+                    let at = (tail_block - p.start) as usize;
+                    dst[at..at + BLOCK as usize].copy_from_slice(t);
+                }
+            }
+            let lo = off.max(p.start);
+            let hi = end.min(p.start + p.len);
+            let d = &mut dst[(lo - p.start) as usize..(hi - p.start) as usize];
+            match data {
+                Some(src) => d.copy_from_slice(&src[(lo - off) as usize..(hi - off) as usize]),
+                None => d.fill(0),
+            }
+            let (chunk, coff) = self.chunk_of(ino, p.start);
+            ops.push(ChunkOp::Write {
+                chunk,
+                offset: coff,
+                len: p.len as u32,
+                buf,
+            });
+        }
+        let mut failed = None;
+        for (r, _) in self.io.run(ops) {
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failed {
+            if end > size {
+                // Bytes may have landed past the size: drop them so a later growth
+                // shows zeros.
+                if let Err(pe) = self.purge_past_size(ino) {
+                    tracing::warn!(ino, error = %pe, "purging after a failed write");
+                }
+            }
+            return Err(e.into());
+        }
+        let mut st = self.lock();
+        let n = st.node_mut(ino)?;
+        n.rec.size = n.rec.size.max(end);
+        let t = now_ns();
+        n.rec.mtime_ns = t;
+        n.rec.ctime_ns = t;
+        n.dirty = true;
+        Ok(())
+    }
+
+    /// Removes everything past the size: zeros the rest of the last block, drops later
+    /// blocks of its chunk and later chunks up to `alloc_end`. Caller holds the io lock
+    /// or runs before serving.
+    pub(crate) fn purge_past_size(&self, ino: u64) -> Result<()> {
+        let (size, alloc_end) = {
+            let st = self.lock();
+            let n = st.node(ino)?;
+            (n.rec.size, n.rec.alloc_end)
+        };
+        let cs = self.chunk_size;
+        if size % BLOCK != 0 {
+            let b = round_down(size, BLOCK);
+            let kept = self.read_block_for_merge(ino, b, size + BLOCK)?;
+            let garbage = kept[(size - b) as usize..].iter().any(|&x| x != 0);
+            if garbage {
+                let merged = self.read_block_for_merge(ino, b, size)?;
+                let (chunk, coff) = self.chunk_of(ino, b);
+                let mut buf = self.io.buffer();
+                buf.set_len(BLOCK as usize);
+                buf.as_mut_slice().copy_from_slice(&merged);
+                self.io
+                    .run_one(ChunkOp::Write {
+                        chunk,
+                        offset: coff,
+                        len: BLOCK_SIZE,
+                        buf,
+                    })
+                    .0?;
+            }
+        }
+        let first_chunk = size / cs;
+        let keep_in_first = round_up(size % cs, BLOCK) as u32;
+        let last_chunk = alloc_end.max(size).div_ceil(cs);
+        let mut ops = Vec::new();
+        for c in first_chunk..last_chunk.max(first_chunk + 1) {
+            let chunk = ChunkId {
+                inode: ino,
+                index: c as u32,
+            };
+            let (info, _) = self.io.run_one(ChunkOp::Stat { chunk });
+            let info = info?;
+            if info.version == 0 {
+                continue;
+            }
+            if c == first_chunk && keep_in_first > 0 {
+                if info.len > keep_in_first {
+                    ops.push(ChunkOp::Truncate {
+                        chunk,
+                        len: keep_in_first,
+                    });
+                }
+            } else {
+                ops.push(ChunkOp::Delete { chunk });
+            }
+        }
+        for (r, _) in self.io.run(ops) {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// truncate / ftruncate.
+    pub fn set_size(&self, ino: u64, new_size: u64) -> Result<()> {
+        if new_size > self.file_size_max() {
+            return errno(libc::EFBIG);
+        }
+        let io = self.io_lock(ino)?;
+        let _g = io.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.getattr(ino)?.size;
+        let t = now_ns();
+        // The size change is the commit point; data past it is dropped after.
+        self.update(ino, |r| {
+            r.size = new_size;
+            r.mtime_ns = t;
+            r.ctime_ns = t;
+            Ok(())
+        })?;
+        if new_size < old {
+            self.purge_past_size(ino)?;
+        }
+        Ok(())
+    }
+
+    /// fallocate: mode 0 and KEEP_SIZE (no reservation: space is taken when written),
+    /// PUNCH_HOLE and ZERO_RANGE (the range reads as zeros after).
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        if len == 0 {
+            return errno(libc::EINVAL);
+        }
+        let end = off.checked_add(len).ok_or(Error::Errno(libc::EFBIG))?;
+        if end > self.file_size_max() {
+            return errno(libc::EFBIG);
+        }
+        let zero = match mode {
+            0 | KEEP_SIZE => false,
+            m if m == PUNCH | KEEP_SIZE || m == ZERO || m == ZERO | KEEP_SIZE => true,
+            _ => return errno(libc::EOPNOTSUPP),
+        };
+        let io = self.io_lock(ino)?;
+        let _g = io.lock().unwrap_or_else(|p| p.into_inner());
+        let size = self.getattr(ino)?.size;
+        if zero && off < size {
+            let zend = end.min(size);
+            // Whole chunks inside the range become absent; the rest is written zeros.
+            let cs = self.chunk_size;
+            let mut p = off;
+            while p < zend {
+                let chunk_start = round_down(p, cs);
+                let chunk_end = chunk_start + cs;
+                if p == chunk_start && chunk_end <= zend {
+                    self.io
+                        .run_one(ChunkOp::Delete {
+                            chunk: self.chunk_of(ino, p).0,
+                        })
+                        .0?;
+                    p = chunk_end;
+                } else {
+                    let e = zend.min(chunk_end);
+                    self.write_locked(ino, p, e - p, None)?;
+                    p = e;
+                }
+            }
+        }
+        if mode & KEEP_SIZE == 0 && end > size {
+            self.update(ino, |r| {
+                r.size = r.size.max(end);
+                r.ctime_ns = now_ns();
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}
