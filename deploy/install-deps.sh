@@ -22,8 +22,9 @@ set -euo pipefail
 SPOOL_PKGS_BUILD=(build-essential pkg-config libhwloc-dev clang libclang-dev libfuse3-dev)
 
 # Running the tests: fuse3 (fusermount3, /dev/fuse use), util-linux (losetup for loop
-# devices), iproute2 (ip netns / veth for multi-node tests), jq (scripts read JSON).
-SPOOL_PKGS_TEST=(fuse3 util-linux iproute2 jq)
+# devices), iproute2 (ip netns / veth for multi-node tests), jq (scripts read JSON),
+# python3 (the DCP-like checkpoint writer, stdlib only; also the quickstart's demo).
+SPOOL_PKGS_TEST=(fuse3 util-linux iproute2 jq python3)
 
 # Benchmarks compare Spool to fio on the same device in the same run.
 SPOOL_PKGS_BENCH=(fio)

@@ -61,6 +61,11 @@ fi
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy "${color[@]}" --workspace --all-targets --locked -- -D warnings
 
+# A test killed mid-run (or a crashed daemon) can leave a FUSE mount under /tmp behind;
+# nothing else mounts `spool` there, so detach those before the run.
+awk '$3 ~ /^fuse/ && $1 == "spool" && $2 ~ "^/tmp/" {print $2}' /proc/mounts 2>/dev/null |
+    while read -r m; do umount -l "$m" 2>/dev/null || true; done
+
 step "build the test binaries (cargo nextest run --no-run)"
 cargo nextest run "${color[@]}" --workspace --locked --no-run
 

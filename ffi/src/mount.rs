@@ -31,3 +31,18 @@ pub fn syncfs(f: &std::fs::File) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// `statfs(2)` on `path`, for its error only: unlike `stat`, the kernel never answers it
+/// from a cache, so a FUSE mount whose daemon died fails it at once with ENOTCONN.
+pub fn statfs_probe(path: &Path) -> std::io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is NUL-terminated and `st` is a writable statfs-sized buffer; both
+    // outlive the call, and we never read `st`.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -63,7 +63,7 @@ pub fn clean_stale(path: &Path) -> Result<()> {
         return Ok(());
     };
     let is_fuse = fstype == "fuse" || fstype.starts_with("fuse.");
-    match std::fs::metadata(path) {
+    match spool_ffi::mount::statfs_probe(path) {
         Err(e) if is_fuse && e.raw_os_error() == Some(libc::ENOTCONN) => {
             tracing::warn!(mountpoint = %path.display(), %source, "detaching a stale FUSE mount left by a daemon that died");
             spool_ffi::mount::detach(path).map_err(|e| Error::Mount(e.to_string()))
@@ -93,6 +93,10 @@ fn tune_bdi(mountpoint: &Path, readahead_bytes: u64) {
 impl Mounted {
     pub fn mount(ns: Arc<Namespace>, opts: &MountOptions) -> Result<Mounted> {
         let mp = &opts.mountpoint;
+        if !mp.exists() && mount_at(mp).is_none() {
+            std::fs::create_dir_all(mp)
+                .map_err(|e| Error::Mount(format!("creating mountpoint {}: {e}", mp.display())))?;
+        }
         if !mp.is_dir() && mount_at(mp).is_none() {
             return Err(Error::Mount(format!(
                 "mountpoint {} is not a directory",
