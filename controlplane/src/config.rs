@@ -59,7 +59,8 @@ pub struct MountConfig {
     /// FUSE request threads, 1..64 (default 4).
     pub threads: usize,
     /// Kernel writeback cache: write(2) returns once the page cache holds the data;
-    /// fsync and close make it durable (default true).
+    /// fsync and close make it durable (default false: measured slower for large
+    /// sequential checkpoint writes, see docs/PERFORMANCE.md).
     pub writeback_cache: bool,
     /// Kernel readahead for the mount, a multiple of 4KiB, 4KiB..1GiB (default 16MiB).
     pub readahead: ByteSize,
@@ -74,7 +75,7 @@ impl Default for MountConfig {
         MountConfig {
             mountpoint: None,
             threads: 4,
-            writeback_cache: true,
+            writeback_cache: false,
             readahead: ByteSize::mib(16),
             attr_ttl_ms: 1000,
             allow_other: true,

@@ -76,6 +76,9 @@ pub fn clean_stale(path: &Path) -> Result<()> {
     }
 }
 
+/// Share of the dirty page limit the mount may use (the kernel's default for FUSE is 1).
+const DIRTY_MAX_RATIO_PERCENT: u32 = 20;
+
 /// FUSE names its backing device info by the mount's device number.
 fn tune_bdi(mountpoint: &Path, readahead_bytes: u64) {
     let Ok(md) = std::fs::metadata(mountpoint) else {
@@ -87,6 +90,12 @@ fn tune_bdi(mountpoint: &Path, readahead_bytes: u64) {
     let ra = bdi.join("read_ahead_kb");
     if let Err(e) = std::fs::write(&ra, format!("{}", readahead_bytes / 1024)) {
         tracing::info!(path = %ra.display(), error = %e, "could not raise readahead");
+    }
+    // FUSE caps a mount's dirty pages at 1% of the dirty limit (strictly), which throttles
+    // a checkpoint writer long before the device is busy; the kernel lets root raise it.
+    let ratio = bdi.join("max_ratio");
+    if let Err(e) = std::fs::write(&ratio, format!("{DIRTY_MAX_RATIO_PERCENT}")) {
+        tracing::info!(path = %ratio.display(), error = %e, "could not raise the dirty page share");
     }
 }
 

@@ -76,7 +76,7 @@ fn process_cpu_secs() -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-fn prepare_file(path: &Path, size: u64) -> Result<()> {
+pub(crate) fn prepare_file(path: &Path, size: u64) -> Result<()> {
     let meta = std::fs::metadata(path);
     let is_block = {
         use std::os::unix::fs::FileTypeExt;
@@ -339,7 +339,7 @@ fn human(b: u64) -> String {
     format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_fuse;
 mod node;
 
 use std::path::PathBuf;
@@ -110,6 +111,9 @@ enum ConfigCmd {
 enum BenchCmd {
     /// Sequential write and read through the dataplane vs fio on the same file.
     Device(bench::DeviceBench),
+    /// N writers with 1 MiB writes + fsync through the FUSE mount vs straight to the
+    /// dataplane vs the local filesystem, then reads.
+    Fuse(bench_fuse::FuseBench),
 }
 
 fn main() {
@@ -194,6 +198,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             cmd: BenchCmd::Device(b),
         } => bench::run(&b),
+        Cmd::Bench {
+            cmd: BenchCmd::Fuse(b),
+        } => bench_fuse::run(&b),
     }
 }
 
