@@ -11,9 +11,9 @@
 //!   (truncate zeroes and drops them; recovery purges), so growing a file exposes zeros.
 
 use spool_dataplane::store::{ChunkId, ChunkOp, BLOCK_SIZE};
-use spool_hugepages::DmaBuf;
 
 use crate::error::{errno, Error, Result};
+use crate::io::WINDOW_BUFFERS_MAX;
 use crate::meta::record::Kind;
 use crate::meta::{now_ns, Namespace};
 
@@ -95,34 +95,38 @@ impl Namespace {
         }
         let end = size.min(off + u64::from(len));
         let pieces = self.pieces(off, end);
-        let ops: Vec<ChunkOp> = pieces
-            .iter()
-            .map(|p| {
-                let (chunk, coff) = self.chunk_of(ino, p.start);
-                let mut buf = self.io.buffer();
-                buf.set_len(p.len as usize);
-                ChunkOp::Read {
-                    chunk,
-                    offset: coff,
-                    len: p.len as u32,
-                    buf,
-                }
-            })
-            .collect();
-        let mut bufs: Vec<DmaBuf> = Vec::with_capacity(pieces.len());
-        for (r, buf) in self.io.run(ops) {
+        let read_op = |p: &Piece| {
+            let (chunk, coff) = self.chunk_of(ino, p.start);
+            let mut buf = self.io.buffer();
+            buf.set_len(p.len as usize);
+            ChunkOp::Read {
+                chunk,
+                offset: coff,
+                len: p.len as u32,
+                buf,
+            }
+        };
+        if pieces.len() == 1 {
+            // The common case (page-aligned kernel reads inside one chunk): reply
+            // straight from the DMA buffer.
+            let (r, buf) = self.io.run_one(read_op(&pieces[0]));
             r?;
-            bufs.push(buf.expect("read buffer"));
-        }
-        if bufs.len() == 1 {
+            let buf = buf.expect("read buffer");
             let skip = (off - pieces[0].start) as usize;
-            return Ok(f(&bufs[0].as_slice()[skip..skip + (end - off) as usize]));
+            return Ok(f(&buf.as_slice()[skip..skip + (end - off) as usize]));
         }
         let mut out = Vec::with_capacity((end - off) as usize);
-        for (p, b) in pieces.iter().zip(&bufs) {
-            let lo = off.max(p.start);
-            let hi = end.min(p.start + p.len);
-            out.extend_from_slice(&b.as_slice()[(lo - p.start) as usize..(hi - p.start) as usize]);
+        for window in pieces.chunks(WINDOW_BUFFERS_MAX) {
+            let ops = window.iter().map(read_op).collect();
+            for (p, (r, buf)) in window.iter().zip(self.io.run(ops)) {
+                r?;
+                let b = buf.expect("read buffer");
+                let lo = off.max(p.start);
+                let hi = end.min(p.start + p.len);
+                out.extend_from_slice(
+                    &b.as_slice()[(lo - p.start) as usize..(hi - p.start) as usize],
+                );
+            }
         }
         Ok(f(&out))
     }
@@ -195,41 +199,46 @@ impl Namespace {
         let tail = (end % BLOCK != 0 && tail_block != first.start)
             .then(|| self.read_block_for_merge(ino, tail_block, size))
             .transpose()?;
-        let mut ops = Vec::with_capacity(pieces.len());
-        for p in &pieces {
-            let mut buf = self.io.buffer();
-            buf.set_len(p.len as usize);
-            let dst = buf.as_mut_slice();
-            if p.start == first.start {
-                if let Some(h) = &head {
-                    dst[..BLOCK as usize].copy_from_slice(h);
-                }
-            }
-            if p.start == last.start {
-                if let Some(t) = &tail {
-                    let at = (tail_block - p.start) as usize;
-                    dst[at..at + BLOCK as usize].copy_from_slice(t);
-                }
-            }
-            let lo = off.max(p.start);
-            let hi = end.min(p.start + p.len);
-            let d = &mut dst[(lo - p.start) as usize..(hi - p.start) as usize];
-            match data {
-                Some(src) => d.copy_from_slice(&src[(lo - off) as usize..(hi - off) as usize]),
-                None => d.fill(0),
-            }
-            let (chunk, coff) = self.chunk_of(ino, p.start);
-            ops.push(ChunkOp::Write {
-                chunk,
-                offset: coff,
-                len: p.len as u32,
-                buf,
-            });
-        }
         let mut failed = None;
-        for (r, _) in self.io.run(ops) {
-            if let Err(e) = r {
-                failed.get_or_insert(e);
+        for window in pieces.chunks(WINDOW_BUFFERS_MAX) {
+            let mut ops = Vec::with_capacity(window.len());
+            for p in window {
+                let mut buf = self.io.buffer();
+                buf.set_len(p.len as usize);
+                let dst = buf.as_mut_slice();
+                if p.start == first.start {
+                    if let Some(h) = &head {
+                        dst[..BLOCK as usize].copy_from_slice(h);
+                    }
+                }
+                if p.start == last.start {
+                    if let Some(t) = &tail {
+                        let at = (tail_block - p.start) as usize;
+                        dst[at..at + BLOCK as usize].copy_from_slice(t);
+                    }
+                }
+                let lo = off.max(p.start);
+                let hi = end.min(p.start + p.len);
+                let d = &mut dst[(lo - p.start) as usize..(hi - p.start) as usize];
+                match data {
+                    Some(src) => d.copy_from_slice(&src[(lo - off) as usize..(hi - off) as usize]),
+                    None => d.fill(0),
+                }
+                let (chunk, coff) = self.chunk_of(ino, p.start);
+                ops.push(ChunkOp::Write {
+                    chunk,
+                    offset: coff,
+                    len: p.len as u32,
+                    buf,
+                });
+            }
+            for (r, _) in self.io.run(ops) {
+                if let Err(e) = r {
+                    failed.get_or_insert(e);
+                }
+            }
+            if failed.is_some() {
+                break;
             }
         }
         if let Some(e) = failed {

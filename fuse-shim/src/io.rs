@@ -13,6 +13,11 @@ use spool_dataplane::store::{ChunkInfo, ChunkOp, ShardCompletion};
 use spool_dataplane::Error as DpError;
 use spool_hugepages::DmaBuf;
 
+/// DMA buffers one request holds at a time: every caller works in windows of this many
+/// pieces, so `threads x WINDOW_BUFFERS_MAX` bounds what FUSE threads hold and a thread
+/// waiting for a buffer never waits on one held by another waiting thread (the config
+/// requires `hugepages.buffers >= 2 x mount.threads + 8`).
+pub const WINDOW_BUFFERS_MAX: usize = 2;
 /// Requests one borrowed client keeps in flight.
 const CLIENT_INFLIGHT_MAX: usize = 16;
 /// Clients kept for reuse; more are made on demand and dropped when the pool is full.

@@ -491,3 +491,34 @@ fn load_reads_a_file_and_names_it() {
     std::fs::write(&path, b"[node]\nname = \"\xff\"\n").unwrap();
     assert!(Config::load(&path).is_err());
 }
+
+#[test]
+fn mount_section_defaults_and_validation() {
+    let c = Config::from_toml_str(MINIMAL).unwrap();
+    assert_eq!(c.mount.mountpoint, None);
+    assert_eq!(c.mount.threads, 4);
+    assert!(!c.mount.writeback_cache);
+    assert_eq!(c.mount.readahead, ByteSize::mib(16));
+    let ok = with("[mount]\nmountpoint = \"/mnt/spool\"\nthreads = 8\n").unwrap();
+    assert_eq!(
+        ok.mount.mountpoint.as_deref(),
+        Some(Path::new("/mnt/spool"))
+    );
+    assert_has(
+        &device("[mount]\nthreads = 0\n"),
+        &["mount.threads = 0", "between 1 and 64"],
+    );
+    assert_has(
+        &device("[mount]\nmountpoint = \"rel/dir\"\n"),
+        &["mount.mountpoint", "absolute"],
+    );
+    assert_has(
+        &device("[mount]\nreadahead = \"1000\"\n"),
+        &["mount.readahead"],
+    );
+    assert_has(
+        &device("[mount]\nthreads = 40\n"),
+        &["hugepages.buffers = 64", "2 x mount.threads + 8 = 88"],
+    );
+    assert_has(&device("[mount]\nthread = 4\n"), &["thread"]);
+}

@@ -18,7 +18,7 @@ use super::record::{
     ROOT_BYTES,
 };
 use crate::error::{Error, Result};
-use crate::io::ChunkIo;
+use crate::io::{ChunkIo, WINDOW_BUFFERS_MAX};
 
 /// Reserved inode numbers: file inodes are below 2^56, so these never collide.
 pub const META_BIT: u64 = 1 << 63;
@@ -288,24 +288,26 @@ impl MetaLog {
 
     fn read_chunk(&self, chunk: ChunkId, len: u32) -> Result<Vec<u8>> {
         let step = self.io.io_size_max;
-        let mut ops = Vec::new();
+        let mut out = Vec::with_capacity(len as usize);
         let mut off = 0u32;
         while off < len {
-            let n = step.min(len - off);
-            let mut buf = self.io.buffer();
-            buf.set_len(n as usize);
-            ops.push(ChunkOp::Read {
-                chunk,
-                offset: off,
-                len: n,
-                buf,
-            });
-            off += n;
-        }
-        let mut out = Vec::with_capacity(len as usize);
-        for (r, buf) in self.io.run(ops) {
-            r?;
-            out.extend_from_slice(buf.expect("read buffer").as_slice());
+            let mut ops = Vec::with_capacity(WINDOW_BUFFERS_MAX);
+            while off < len && ops.len() < WINDOW_BUFFERS_MAX {
+                let n = step.min(len - off);
+                let mut buf = self.io.buffer();
+                buf.set_len(n as usize);
+                ops.push(ChunkOp::Read {
+                    chunk,
+                    offset: off,
+                    len: n,
+                    buf,
+                });
+                off += n;
+            }
+            for (r, buf) in self.io.run(ops) {
+                r?;
+                out.extend_from_slice(buf.expect("read buffer").as_slice());
+            }
         }
         Ok(out)
     }
@@ -313,20 +315,25 @@ impl MetaLog {
     fn write_chunk(&self, chunk: ChunkId, offset: u32, data: &[u8]) -> Result<()> {
         assert!(offset % BLOCK_SIZE == 0 && data.len() % BLOCK_SIZE as usize == 0);
         let step = self.io.io_size_max as usize;
-        let mut ops = Vec::new();
-        for (i, piece) in data.chunks(step).enumerate() {
-            let mut buf = self.io.buffer();
-            buf.set_len(piece.len());
-            buf.as_mut_slice().copy_from_slice(piece);
-            ops.push(ChunkOp::Write {
-                chunk,
-                offset: offset + (i * step) as u32,
-                len: piece.len() as u32,
-                buf,
-            });
-        }
-        for (r, _) in self.io.run(ops) {
-            r?;
+        let pieces: Vec<(usize, &[u8])> = data.chunks(step).enumerate().collect();
+        for window in pieces.chunks(WINDOW_BUFFERS_MAX) {
+            let ops = window
+                .iter()
+                .map(|&(i, piece)| {
+                    let mut buf = self.io.buffer();
+                    buf.set_len(piece.len());
+                    buf.as_mut_slice().copy_from_slice(piece);
+                    ChunkOp::Write {
+                        chunk,
+                        offset: offset + (i * step) as u32,
+                        len: piece.len() as u32,
+                        buf,
+                    }
+                })
+                .collect();
+            for (r, _) in self.io.run(ops) {
+                r?;
+            }
         }
         Ok(())
     }
