@@ -100,7 +100,11 @@ impl SpoolFs {
 
     fn entry(&self, r: Result<InodeRec, Error>, reply: ReplyEntry) {
         match r {
-            Ok(rec) => reply.entry(&self.opts.attr_ttl, &attr(&rec), Generation(0)),
+            Ok(rec) => {
+                // The kernel now holds a reference until it sends FORGET.
+                self.ns.remember(rec.ino);
+                reply.entry(&self.opts.attr_ttl, &attr(&rec), Generation(0))
+            }
             Err(e) => reply.error(err(&e)),
         }
     }
@@ -168,6 +172,12 @@ impl Filesystem for SpoolFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.entry(self.ns.lookup(parent.0, name.as_bytes()), reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if let Err(e) = self.ns.forget(ino.0, nlookup) {
+            tracing::warn!(ino = ino.0, error = %e, "freeing a forgotten inode");
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -332,8 +342,15 @@ impl Filesystem for SpoolFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::EINVAL);
+        }
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            return Self::empty(
+                self.ns
+                    .exchange(parent.0, name.as_bytes(), newparent.0, newname.as_bytes()),
+                reply,
+            );
         }
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         Self::empty(
@@ -474,18 +491,20 @@ impl Filesystem for SpoolFs {
         mut reply: ReplyDirectory,
     ) {
         let ino = ino.0;
+        let dir = match self.ns.getattr(ino) {
+            Ok(r) => r,
+            Err(e) => return reply.error(err(&e)),
+        };
+        if dir.nlink == 0 {
+            // A removed directory still open lists nothing (not even "." and "..").
+            return reply.ok();
+        }
         // Offsets: 1 is after ".", 2 after "..", then entry cookies (all above 2).
         if offset < 1 && reply.add(INodeNo(ino), 1, FileType::Directory, ".") {
             return reply.ok();
         }
-        if offset < 2 {
-            let parent = match self.ns.getattr(ino) {
-                Ok(r) => r.parent,
-                Err(e) => return reply.error(err(&e)),
-            };
-            if reply.add(INodeNo(parent.max(1)), 2, FileType::Directory, "..") {
-                return reply.ok();
-            }
+        if offset < 2 && reply.add(INodeNo(dir.parent.max(1)), 2, FileType::Directory, "..") {
+            return reply.ok();
         }
         let mut after = offset.max(2);
         loop {
@@ -593,6 +612,7 @@ impl Filesystem for SpoolFs {
         if let Err(e) = self.ns.open_file(rec.ino) {
             return reply.error(err(&e));
         }
+        self.ns.remember(rec.ino);
         reply.created(
             &self.opts.attr_ttl,
             &attr(&rec),

@@ -439,7 +439,7 @@ impl Namespace {
                     return errno(libc::ENOTEMPTY);
                 }
                 prec.nlink = prec.nlink.saturating_sub(1);
-                if victim.opens == 0 {
+                if !victim.in_use() {
                     recs.push(Record::InodeDel { ino });
                 } else {
                     let mut v = victim.rec.clone();
@@ -452,7 +452,7 @@ impl Namespace {
                 let mut v = victim.rec.clone();
                 v.nlink = v.nlink.saturating_sub(1);
                 v.ctime_ns = t;
-                free_after = v.nlink == 0 && victim.opens == 0;
+                free_after = v.nlink == 0 && !victim.in_use();
                 recs.push(Record::Inode(v));
             }
         }
@@ -534,7 +534,7 @@ impl Namespace {
                     }
                     let np_idx = parents.len() - 1;
                     parents[np_idx].nlink = parents[np_idx].nlink.saturating_sub(1);
-                    if v.opens == 0 {
+                    if !v.in_use() {
                         recs.push(Record::InodeDel { ino: dst });
                     } else {
                         let mut vr = v.rec.clone();
@@ -546,7 +546,7 @@ impl Namespace {
                     let mut vr = v.rec.clone();
                     vr.nlink = vr.nlink.saturating_sub(1);
                     vr.ctime_ns = t;
-                    if vr.nlink == 0 && v.opens == 0 {
+                    if vr.nlink == 0 && !v.in_use() {
                         free_after = Some(dst);
                     }
                     recs.push(Record::Inode(vr));
@@ -582,6 +582,73 @@ impl Namespace {
         Ok(())
     }
 
+    /// RENAME_EXCHANGE: the two names swap inodes, atomically.
+    pub fn exchange(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8]) -> Result<()> {
+        if name.len() > NAME_MAX_BYTES || newname.len() > NAME_MAX_BYTES {
+            return errno(libc::ENAMETOOLONG);
+        }
+        let st = self.lock();
+        let a = st
+            .dir(parent)?
+            .get(name)
+            .ok_or(Error::Errno(libc::ENOENT))?;
+        let b = st
+            .dir(newparent)?
+            .get(newname)
+            .ok_or(Error::Errno(libc::ENOENT))?;
+        if a == b {
+            return Ok(());
+        }
+        let (ra, rb) = (st.node(a)?.rec.clone(), st.node(b)?.rec.clone());
+        let moves = parent != newparent;
+        if moves
+            && ((ra.kind == Kind::Dir && Self::is_within(&st, newparent, a))
+                || (rb.kind == Kind::Dir && Self::is_within(&st, parent, b)))
+        {
+            return errno(libc::EINVAL);
+        }
+        let t = now_ns();
+        let mut recs = vec![
+            Record::Dentry {
+                dir: parent,
+                name: name.to_vec(),
+                ino: b,
+            },
+            Record::Dentry {
+                dir: newparent,
+                name: newname.to_vec(),
+                ino: a,
+            },
+        ];
+        let mut p1 = st.node(parent)?.rec.clone();
+        let mut p2 = st.node(newparent)?.rec.clone();
+        for (mut r, to) in [(ra, newparent), (rb, parent)] {
+            r.ctime_ns = t;
+            if moves && r.kind == Kind::Dir {
+                r.parent = to;
+                // A directory moving adds a link to its new parent and drops one from
+                // the old.
+                if to == newparent {
+                    p2.nlink += 1;
+                    p1.nlink = p1.nlink.saturating_sub(1);
+                } else {
+                    p1.nlink += 1;
+                    p2.nlink = p2.nlink.saturating_sub(1);
+                }
+            }
+            recs.push(Record::Inode(r));
+        }
+        p1.mtime_ns = t;
+        p1.ctime_ns = t;
+        recs.push(Record::Inode(p1));
+        if moves {
+            p2.mtime_ns = t;
+            p2.ctime_ns = t;
+            recs.push(Record::Inode(p2));
+        }
+        self.commit(st, recs)
+    }
+
     /// Changes attributes with `f` and makes the result durable.
     pub fn update(
         &self,
@@ -614,7 +681,30 @@ impl Namespace {
                 return Ok(());
             };
             n.opens = n.opens.saturating_sub(1);
-            n.opens == 0 && n.rec.nlink == 0
+            n.rec.nlink == 0 && !n.in_use()
+        };
+        if free {
+            self.free_inode(ino)?;
+        }
+        Ok(())
+    }
+
+    /// The kernel took a reference (an entry reply).
+    pub fn remember(&self, ino: u64) {
+        if let Ok(n) = self.lock().node_mut(ino) {
+            n.lookups += 1;
+        }
+    }
+
+    /// The kernel dropped `count` references; an unlinked inode nobody holds is freed.
+    pub fn forget(&self, ino: u64, count: u64) -> Result<()> {
+        let free = {
+            let mut st = self.lock();
+            let Ok(n) = st.node_mut(ino) else {
+                return Ok(());
+            };
+            n.lookups = n.lookups.saturating_sub(count);
+            n.rec.nlink == 0 && !n.in_use() && ino != ROOT_INO
         };
         if free {
             self.free_inode(ino)?;

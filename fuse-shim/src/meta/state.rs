@@ -55,13 +55,21 @@ pub struct Node {
     pub rec: InodeRec,
     pub dir: Option<Dir>,
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Open file handles (an unlinked file lives while this is above 0).
+    /// Open file handles, and references the kernel holds (lookups not yet forgotten):
+    /// an unlinked inode lives while either is above 0.
     pub opens: u32,
+    pub lookups: u64,
     /// Attributes changed in memory (size, times) and not yet in the log.
     pub dirty: bool,
     /// Serializes data-path writes and truncates of this file (read-modify-write of
     /// partial blocks, size changes).
     pub io: Arc<std::sync::Mutex<()>>,
+}
+
+impl Node {
+    pub fn in_use(&self) -> bool {
+        self.opens > 0 || self.lookups > 0
+    }
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +105,7 @@ impl State {
                     dir: (rec.kind == Kind::Dir).then(Dir::default),
                     xattrs: BTreeMap::new(),
                     opens: 0,
+                    lookups: 0,
                     dirty: false,
                     io: Arc::default(),
                 });
