@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Single-node Spool on a file-backed device, from a fresh checkout:
 #   install the Debian packages, build the release binary, write a demo config, start the
-#   daemon in the background, show status / perf counters / metrics, run the device
-#   benchmark, and leave the daemon running.
+#   daemon in the background (it mounts Spool at /mnt/spool), show status / perf counters
+#   / metrics, write a small PyTorch-DCP-style checkpoint through the mount and verify it,
+#   run the device benchmark, and leave the daemon running.
 #
 #   sudo ./deploy/quickstart.sh          start (or restart, after a rebuild) the demo
 #   sudo ./deploy/quickstart.sh --stop   stop the demo daemon
 #
-# Files: /var/lib/spool/{spool.toml,device.img,spool.log,spool.pid}, /run/spool/admin.sock.
+# Files: /var/lib/spool/{spool.toml,device.img,spool.log,spool.pid}, /run/spool/admin.sock,
+# the mount /mnt/spool (unmounted by --stop).
 # Needs about 4 GiB free under /var/lib/spool (2 GiB device + 1 GiB benchmark file).
 set -euo pipefail
 
@@ -268,6 +270,7 @@ cat <<EOF
   config   $CFG
   device   $DEV
   log      $LOG
+  mount    $MNT
   socket   $SOCK        e.g. $BIN status
   metrics  http://$METRICS/metrics
 
