@@ -69,7 +69,7 @@ impl Namespace {
         out
     }
 
-    fn io_lock(&self, ino: u64) -> Result<std::sync::Arc<std::sync::Mutex<()>>> {
+    fn io_lock(&self, ino: u64) -> Result<std::sync::Arc<std::sync::RwLock<()>>> {
         let st = self.lock();
         let n = st.node(ino)?;
         match n.rec.kind {
@@ -156,12 +156,37 @@ impl Namespace {
     /// Writes `data` at `off`; durable when it returns. `None` data writes zeros.
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
         let io = self.io_lock(ino)?;
-        let _g = io.lock().unwrap_or_else(|p| p.into_inner());
-        self.write_locked(ino, off, data.len() as u64, Some(data))?;
+        let len = data.len() as u64;
+        let end = off.saturating_add(len);
+        if off % BLOCK == 0 && end % BLOCK == 0 {
+            // Whole blocks: no read-modify-write, so such writes run side by side.
+            let r = {
+                let _g = io.read().unwrap_or_else(|p| p.into_inner());
+                self.write_locked(ino, off, len, Some(data), false)
+            };
+            if r.is_err() {
+                // Bytes may have landed past the size; drop them alone, so no
+                // concurrent writer's acknowledged data beyond the size goes too.
+                let _g = io.write().unwrap_or_else(|p| p.into_inner());
+                if let Err(pe) = self.purge_past_size(ino) {
+                    tracing::warn!(ino, error = %pe, "purging after a failed write");
+                }
+            }
+            return r.map(|()| data.len());
+        }
+        let _g = io.write().unwrap_or_else(|p| p.into_inner());
+        self.write_locked(ino, off, len, Some(data), true)?;
         Ok(data.len())
     }
 
-    fn write_locked(&self, ino: u64, off: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+    fn write_locked(
+        &self,
+        ino: u64,
+        off: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        purge_on_error: bool,
+    ) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -242,7 +267,7 @@ impl Namespace {
             }
         }
         if let Some(e) = failed {
-            if end > size {
+            if purge_on_error && end > size {
                 // Bytes may have landed past the size: drop them so a later growth
                 // shows zeros.
                 if let Err(pe) = self.purge_past_size(ino) {
@@ -328,7 +353,7 @@ impl Namespace {
             return errno(libc::EFBIG);
         }
         let io = self.io_lock(ino)?;
-        let _g = io.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = io.write().unwrap_or_else(|p| p.into_inner());
         let old = self.getattr(ino)?.size;
         let t = now_ns();
         // The size change is the commit point; data past it is dropped after.
@@ -363,7 +388,7 @@ impl Namespace {
             _ => return errno(libc::EOPNOTSUPP),
         };
         let io = self.io_lock(ino)?;
-        let _g = io.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = io.write().unwrap_or_else(|p| p.into_inner());
         let size = self.getattr(ino)?.size;
         if zero && off < size {
             let zend = end.min(size);
@@ -382,7 +407,7 @@ impl Namespace {
                     p = chunk_end;
                 } else {
                     let e = zend.min(chunk_end);
-                    self.write_locked(ino, p, e - p, None)?;
+                    self.write_locked(ino, p, e - p, None, true)?;
                     p = e;
                 }
             }

@@ -61,9 +61,11 @@ pub struct Node {
     pub lookups: u64,
     /// Attributes changed in memory (size, times) and not yet in the log.
     pub dirty: bool,
-    /// Serializes data-path writes and truncates of this file (read-modify-write of
-    /// partial blocks, size changes).
-    pub io: Arc<std::sync::Mutex<()>>,
+    /// Orders data-path changes of this file: block-aligned writes share it (they
+    /// touch whole blocks only, so they can run side by side, e.g. the kernel's
+    /// writeback); writes that read-modify-write a partial block, truncates and
+    /// fallocate take it alone.
+    pub io: Arc<std::sync::RwLock<()>>,
 }
 
 impl Node {
