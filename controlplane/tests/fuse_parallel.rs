@@ -49,7 +49,7 @@ fn run(writeback_cache: bool) {
     let path = node.mountpoint.join("shared.bin");
     let f = Arc::new(
         OpenOptions::new()
-            .create(true)
+            .create_new(true)
             .read(true)
             .write(true)
             .open(&path)
