@@ -160,11 +160,9 @@ impl Py {
         if self.waited.is_some() && group_members(pgid).is_empty() {
             return Vec::new();
         }
-        // SAFETY: kill(2) takes no pointers; a negative pid names our child's own
-        // process group (process_group(0) made the child its leader).
-        unsafe {
-            libc::kill(-(pgid as libc::pid_t), libc::SIGKILL);
-        }
+        // A negative pid names our child's own process group (process_group(0) made the
+        // child its leader). Failure (ESRCH: nobody left) is fine here.
+        let _ = spool_ffi::posix::kill(-(pgid as libc::pid_t), libc::SIGKILL);
         if self.waited.is_none() {
             self.waited = Some(self.child.wait().expect("wait python3"));
         }

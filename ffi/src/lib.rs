@@ -4,6 +4,7 @@
 pub mod affinity;
 pub mod blkdev;
 pub mod mount;
+pub mod posix;
 pub mod uring;
 
 /// The one error type of this crate.

@@ -11,11 +11,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
+
+use spool_ffi::posix::{self, NotePart};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -584,8 +586,7 @@ impl Fsx {
         } else {
             libc::PROT_READ
         };
-        let fd = self.file()?.as_raw_fd();
-        match Mapping::new(fd, pg_off, map_len, prot, self.page) {
+        match Mapping::new(self.file()?, pg_off, map_len, write, self.page) {
             Ok(m) => Ok(Some(m)),
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
                 if self.direct {
@@ -850,30 +851,24 @@ fn read_full(f: &File, buf: &mut [u8], off: u64, direct: bool) -> io::Result<usi
 }
 
 fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate only takes integers; the fd is borrowed from `f`, which stays
-    // open for the whole call.
-    let rc =
-        unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    posix::fallocate(f.as_fd(), mode, off as i64, len as i64)
 }
 
 fn page_size() -> u64 {
-    // SAFETY: sysconf reads a constant; no memory is involved.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as u64
-    } else {
-        4096
-    }
+    posix::page_size().map(|p| p as u64).unwrap_or(4096)
 }
 
 /// Seed and op for the SIGBUS note (a signal handler cannot reach the Fsx state).
 static SIGBUS_SEED: AtomicU64 = AtomicU64::new(0);
 static SIGBUS_OP: AtomicU64 = AtomicU64::new(0);
+
+static SIGBUS_NOTE: [NotePart; 5] = [
+    NotePart::Text("\nfsx: SIGBUS in an mmap access (a page fault the fs failed) at seed 0x"),
+    NotePart::Hex(&SIGBUS_SEED),
+    NotePart::Text(" op #"),
+    NotePart::Dec(&SIGBUS_OP),
+    NotePart::Text("; replay with SPOOL_FSX_TRACE=1 and that seed to see the ops\n"),
+];
 
 /// A page fault the fs fails (EIO from the daemon, a dead daemon, or a size the kernel
 /// believes smaller than the model) kills the process with SIGBUS, before any message.
@@ -881,71 +876,14 @@ static SIGBUS_OP: AtomicU64 = AtomicU64::new(0);
 fn install_sigbus_note() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the
-        // handler only touches atomics, a stack buffer and async-signal-safe calls
-        // (write, signal, raise).
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_sigbus as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
-        }
+        // Best effort: the note only improves the crash message.
+        let _ = posix::install_sigbus_reporter(&SIGBUS_NOTE);
     });
-}
-
-extern "C" fn on_sigbus(sig: libc::c_int) {
-    let mut buf = [0u8; 256];
-    let mut n = 0;
-    let mut put = |b: &[u8]| {
-        let k = b.len().min(buf.len() - n);
-        buf[n..n + k].copy_from_slice(&b[..k]);
-        n += k;
-    };
-    put(b"\nfsx: SIGBUS in an mmap access (a page fault the fs failed) at seed 0x");
-    put(&digits(SIGBUS_SEED.load(Ordering::Relaxed), 16));
-    put(b" op #");
-    put(&digits(SIGBUS_OP.load(Ordering::Relaxed), 10));
-    put(b"; replay with SPOOL_FSX_TRACE=1 and that seed to see the ops\n");
-    // SAFETY: write, signal and raise are async-signal-safe; buf outlives the write.
-    unsafe {
-        libc::write(2, buf.as_ptr().cast(), n);
-        libc::signal(sig, libc::SIG_DFL);
-        libc::raise(sig);
-    }
-}
-
-/// `v` in base `radix` (10 or 16) without allocating, usable in a signal handler.
-fn digits(mut v: u64, radix: u64) -> Digits {
-    let mut d = Digits {
-        b: [0; 20],
-        start: 20,
-    };
-    loop {
-        d.start -= 1;
-        d.b[d.start] = b"0123456789abcdef"[(v % radix) as usize];
-        v /= radix;
-        if v == 0 {
-            return d;
-        }
-    }
-}
-
-/// The digits of a u64 (at most 20), right-aligned in a fixed buffer.
-struct Digits {
-    b: [u8; 20],
-    start: usize,
-}
-
-impl std::ops::Deref for Digits {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.b[self.start..]
-    }
 }
 
 /// A MAP_SHARED mapping of part of a file, unmapped on drop.
 struct Mapping {
-    ptr: *mut libc::c_void,
+    map: posix::Mapping,
     len: usize,
     /// The kernel maps whole pages: bytes up to here are addressable.
     page_len: usize,
@@ -953,25 +891,10 @@ struct Mapping {
 }
 
 impl Mapping {
-    fn new(fd: i32, file_off: u64, len: usize, prot: i32, page: u64) -> io::Result<Mapping> {
-        // SAFETY: a fresh mapping at an address the kernel picks (NULL hint) cannot alias
-        // any Rust object; fd is open for the call and the mapping keeps its own
-        // reference to the file.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd,
-                file_off as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+    fn new(file: &File, file_off: u64, len: usize, write: bool, page: u64) -> io::Result<Mapping> {
+        let map = posix::Mapping::new(file, file_off, len, write)?;
         Ok(Mapping {
-            ptr,
+            map,
             len,
             page_len: (len as u64).div_ceil(page) as usize * page as usize,
             file_off,
@@ -982,44 +905,22 @@ impl Mapping {
     /// below EOF or in the page that holds EOF: pages wholly past EOF raise SIGBUS.
     fn slice(&self, start: usize, len: usize) -> &[u8] {
         assert!(start + len <= self.page_len, "outside the mapping");
-        // SAFETY: the range is inside the mapped pages (asserted), the mapping lives as
-        // long as &self, and nothing else writes these pages while the slice exists: this
-        // thread owns the file and the fs does not change a MAP_SHARED page under a
-        // reader in one process.
-        unsafe { std::slice::from_raw_parts((self.ptr as *const u8).add(start), len) }
+        &self.map.as_slice()[start..start + len]
     }
 
     fn slice_mut(&mut self, start: usize, len: usize) -> &mut [u8] {
         assert!(start + len <= self.len, "outside the mapping");
-        // SAFETY: as in `slice`, and the mapping is PROT_WRITE (only op_mapwrite calls
-        // this, on a mapping it made writable); &mut self makes the slice unique.
-        unsafe { std::slice::from_raw_parts_mut((self.ptr as *mut u8).add(start), len) }
+        &mut self.map.as_mut_slice()[start..start + len]
     }
 
     fn msync(&self) -> io::Result<()> {
-        // SAFETY: ptr/len are exactly the live mapping made in `new`.
-        let rc = unsafe { libc::msync(self.ptr, self.len, libc::MS_SYNC) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly the live mapping made in `new`, and no slice of it
-        // outlives &self.
-        unsafe {
-            libc::munmap(self.ptr, self.len);
-        }
+        self.map.msync()
     }
 }
 
 /// A zeroed buffer whose start is ALIGN-aligned, as O_DIRECT needs. Over-allocates a
-/// Vec and uses an aligned window of it: no unsafe, and a Vec's heap block does not move
-/// when the Vec does.
+/// Vec and uses an aligned window of it: no raw pointers, and a Vec's heap block does not
+/// move when the Vec does.
 struct AlignedBuf {
     raw: Vec<u8>,
     start: usize,

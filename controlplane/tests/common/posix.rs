@@ -15,12 +15,14 @@
 use std::collections::HashSet;
 use std::ffi::{CString, OsStr};
 use std::fmt;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
+
+use spool_ffi::posix as px;
 
 /// What a case observed: `Ok(summary)` or `Err("step: ERRNO")`.
 pub type Outcome = Result<String, String>;
@@ -28,12 +30,6 @@ pub type Outcome = Result<String, String>;
 /// A raw errno; displays as its symbolic name so outcomes read like man pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Errno(pub i32);
-
-impl Errno {
-    fn last() -> Errno {
-        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    }
-}
 
 impl fmt::Display for Errno {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -139,78 +135,49 @@ fn cstr(s: &str) -> CString {
     CString::new(s).expect("string without NUL")
 }
 
-fn ret(r: libc::c_int) -> Sys<libc::c_int> {
-    if r < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(r)
-    }
-}
-
-fn ret_size(r: isize) -> Sys<usize> {
-    if r < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(r as usize)
-    }
+/// The errno of a failed `spool_ffi::posix` call.
+fn sys<T>(r: std::io::Result<T>) -> Sys<T> {
+    r.map_err(|e| Errno(e.raw_os_error().unwrap_or(0)))
 }
 
 // ---------------------------------------------------------------------------------------
-// Thin libc wrappers. Each returns the raw errno so cases can compare it exactly.
-// O_CLOEXEC everywhere: the mount tests spawn `spool` CLI children that must not inherit
-// descriptors into the filesystem under test.
+// Thin wrappers over `spool_ffi::posix`. Each returns the raw errno so cases can compare it
+// exactly. O_CLOEXEC everywhere: the mount tests spawn `spool` CLI children that must not
+// inherit descriptors into the filesystem under test.
 
 pub fn open(p: &Path, flags: i32, mode: u32) -> Sys<OwnedFd> {
-    let c = cpath(p);
-    // SAFETY: `c` is a NUL-terminated string alive for the call; the mode vararg is an
-    // unsigned int as open(2) expects.
-    let fd = ret(unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) })?;
-    // SAFETY: `fd` was just returned by open(2) and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sys(px::open(&cpath(p), flags | libc::O_CLOEXEC, mode))
 }
 
 pub fn openat(dir: &OwnedFd, name: &str, flags: i32, mode: u32) -> Sys<OwnedFd> {
-    let c = cstr(name);
-    // SAFETY: `dir` is an open descriptor and `c` a NUL-terminated string, both alive for
-    // the call.
-    let fd = ret(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    })?;
-    // SAFETY: `fd` was just returned by openat(2) and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sys(px::openat(
+        dir.as_fd(),
+        &cstr(name),
+        flags | libc::O_CLOEXEC,
+        mode,
+    ))
 }
 
 /// close(2) with its result (dropping an OwnedFd ignores it, and close may report a
 /// deferred write error, e.g. ENOSPC on a network or FUSE filesystem).
 pub fn close(fd: OwnedFd) -> Sys<()> {
-    let raw = fd.into_raw_fd();
-    // SAFETY: `raw` came from an OwnedFd we just gave up, so it is open and closed once.
-    ret(unsafe { libc::close(raw) }).map(|_| ())
+    sys(px::close(fd))
 }
 
 pub fn pwrite(fd: &OwnedFd, buf: &[u8], off: i64) -> Sys<usize> {
-    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the call.
-    ret_size(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off) })
+    sys(px::pwrite(fd.as_fd(), buf, off))
 }
 
 pub fn pread(fd: &OwnedFd, buf: &mut [u8], off: i64) -> Sys<usize> {
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the call.
-    ret_size(unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off) })
+    sys(px::pread(fd.as_fd(), buf, off))
 }
 
 pub fn write(fd: &OwnedFd, buf: &[u8]) -> Sys<usize> {
-    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the call.
-    ret_size(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
+    sys(px::write(fd.as_fd(), buf))
 }
 
 pub fn read(fd: &OwnedFd, buf: &mut [u8]) -> Sys<usize> {
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the call.
-    ret_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+    sys(px::read(fd.as_fd(), buf))
 }
 
 /// Writes all of `buf` at the file position, retrying short writes.
@@ -239,165 +206,98 @@ pub fn read_all_fd(fd: &OwnedFd) -> Sys<Vec<u8>> {
 }
 
 pub fn lseek(fd: &OwnedFd, off: i64, whence: i32) -> Sys<i64> {
-    // SAFETY: plain integer arguments on an open descriptor.
-    let r = unsafe { libc::lseek(fd.as_raw_fd(), off, whence) };
-    if r < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(r)
-    }
+    sys(px::lseek(fd.as_fd(), off, whence))
 }
 
 pub fn fstat(fd: &OwnedFd) -> Sys<libc::stat> {
-    // SAFETY: `struct stat` is plain old data; all-zero is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid, writable `struct stat` for the call.
-    ret(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    Ok(st)
+    sys(px::fstat(fd.as_fd()))
 }
 
 pub fn stat(p: &Path) -> Sys<libc::stat> {
-    let c = cpath(p);
-    // SAFETY: `struct stat` is plain old data; all-zero is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated and `st` writable, both alive for the call.
-    ret(unsafe { libc::stat(c.as_ptr(), &mut st) })?;
-    Ok(st)
+    sys(px::stat(&cpath(p)))
 }
 
 pub fn lstat(p: &Path) -> Sys<libc::stat> {
-    let c = cpath(p);
-    // SAFETY: `struct stat` is plain old data; all-zero is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated and `st` writable, both alive for the call.
-    ret(unsafe { libc::lstat(c.as_ptr(), &mut st) })?;
-    Ok(st)
+    sys(px::lstat(&cpath(p)))
 }
 
 pub fn statvfs(p: &Path) -> Sys<libc::statvfs> {
-    let c = cpath(p);
-    // SAFETY: `struct statvfs` is plain old data; all-zero is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated and `st` writable, both alive for the call.
-    ret(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
-    Ok(st)
+    sys(px::statvfs(&cpath(p)))
 }
 
 pub fn ftruncate(fd: &OwnedFd, len: i64) -> Sys<()> {
-    // SAFETY: plain integer arguments on an open descriptor.
-    ret(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }).map(|_| ())
+    sys(px::ftruncate(fd.as_fd(), len))
 }
 
 pub fn truncate(p: &Path, len: i64) -> Sys<()> {
-    let c = cpath(p);
-    // SAFETY: `c` is NUL-terminated and alive for the call.
-    ret(unsafe { libc::truncate(c.as_ptr(), len) }).map(|_| ())
+    sys(px::truncate(&cpath(p), len))
 }
 
 pub fn fsync(fd: &OwnedFd) -> Sys<()> {
-    // SAFETY: plain integer argument on an open descriptor.
-    ret(unsafe { libc::fsync(fd.as_raw_fd()) }).map(|_| ())
+    sys(px::fsync(fd.as_fd()))
 }
 
 pub fn fdatasync(fd: &OwnedFd) -> Sys<()> {
-    // SAFETY: plain integer argument on an open descriptor.
-    ret(unsafe { libc::fdatasync(fd.as_raw_fd()) }).map(|_| ())
+    sys(px::fdatasync(fd.as_fd()))
 }
 
 pub fn syncfs(fd: &OwnedFd) -> Sys<()> {
-    // SAFETY: plain integer argument on an open descriptor.
-    ret(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(|_| ())
+    sys(px::syncfs(fd.as_fd()))
 }
 
 pub fn mkdir(p: &Path, mode: u32) -> Sys<()> {
-    let c = cpath(p);
-    // SAFETY: `c` is NUL-terminated and alive for the call.
-    ret(unsafe { libc::mkdir(c.as_ptr(), mode) }).map(|_| ())
+    sys(px::mkdir(&cpath(p), mode))
 }
 
 pub fn rmdir(p: &Path) -> Sys<()> {
-    let c = cpath(p);
-    // SAFETY: `c` is NUL-terminated and alive for the call.
-    ret(unsafe { libc::rmdir(c.as_ptr()) }).map(|_| ())
+    sys(px::rmdir(&cpath(p)))
 }
 
 pub fn unlink(p: &Path) -> Sys<()> {
-    let c = cpath(p);
-    // SAFETY: `c` is NUL-terminated and alive for the call.
-    ret(unsafe { libc::unlink(c.as_ptr()) }).map(|_| ())
+    sys(px::unlink(&cpath(p)))
 }
 
 pub fn rename(a: &Path, b: &Path) -> Sys<()> {
-    let (ca, cb) = (cpath(a), cpath(b));
-    // SAFETY: both strings are NUL-terminated and alive for the call.
-    ret(unsafe { libc::rename(ca.as_ptr(), cb.as_ptr()) }).map(|_| ())
+    sys(px::rename(&cpath(a), &cpath(b)))
 }
 
 /// renameat2(2) through the raw syscall, so it works whatever glibc wraps.
 pub fn renameat2(a: &Path, b: &Path, flags: libc::c_uint) -> Sys<()> {
-    let (ca, cb) = (cpath(a), cpath(b));
-    // SAFETY: the syscall takes (int, const char *, int, const char *, unsigned); both
-    // strings are NUL-terminated and alive for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            flags,
-        )
-    };
-    if r < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(())
-    }
+    sys(px::renameat2(None, &cpath(a), None, &cpath(b), flags))
 }
 
 pub fn link(a: &Path, b: &Path) -> Sys<()> {
-    let (ca, cb) = (cpath(a), cpath(b));
-    // SAFETY: both strings are NUL-terminated and alive for the call.
-    ret(unsafe { libc::link(ca.as_ptr(), cb.as_ptr()) }).map(|_| ())
+    sys(px::link(&cpath(a), &cpath(b)))
 }
 
 pub fn symlink(target: &[u8], p: &Path) -> Sys<()> {
     let ct = CString::new(target).expect("target without NUL");
-    let cp = cpath(p);
-    // SAFETY: both strings are NUL-terminated and alive for the call.
-    ret(unsafe { libc::symlink(ct.as_ptr(), cp.as_ptr()) }).map(|_| ())
+    sys(px::symlink(&ct, &cpath(p)))
 }
 
 /// readlink(2) into a buffer of `bufsize` bytes (it truncates silently, which a case probes).
 pub fn readlink(p: &Path, bufsize: usize) -> Sys<Vec<u8>> {
     let c = cpath(p);
     let mut buf = vec![0u8; bufsize];
-    // SAFETY: `c` is NUL-terminated; `buf` is writable for `buf.len()` bytes.
-    let n = ret_size(unsafe { libc::readlink(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })?;
+    let n = sys(px::readlink(&c, &mut buf))?;
     buf.truncate(n);
     Ok(buf)
 }
 
 pub fn chmod(p: &Path, mode: u32) -> Sys<()> {
-    let c = cpath(p);
-    // SAFETY: `c` is NUL-terminated and alive for the call.
-    ret(unsafe { libc::chmod(c.as_ptr(), mode) }).map(|_| ())
+    sys(px::chmod(&cpath(p), mode))
 }
 
 pub fn fchmod(fd: &OwnedFd, mode: u32) -> Sys<()> {
-    // SAFETY: plain integer arguments on an open descriptor.
-    ret(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(|_| ())
+    sys(px::fchmod(fd.as_fd(), mode))
 }
 
 pub fn chown(p: &Path, uid: u32, gid: u32) -> Sys<()> {
-    let c = cpath(p);
-    // SAFETY: `c` is NUL-terminated and alive for the call.
-    ret(unsafe { libc::chown(c.as_ptr(), uid, gid) }).map(|_| ())
+    sys(px::chown(&cpath(p), uid, gid))
 }
 
 /// utimensat(2) with explicit (sec, nsec) pairs; nsec may be UTIME_OMIT / UTIME_NOW.
 pub fn utimens(p: &Path, atime: (i64, i64), mtime: (i64, i64), flags: i32) -> Sys<()> {
-    let c = cpath(p);
     let ts = [
         libc::timespec {
             tv_sec: atime.0,
@@ -408,38 +308,15 @@ pub fn utimens(p: &Path, atime: (i64, i64), mtime: (i64, i64), flags: i32) -> Sy
             tv_nsec: mtime.1,
         },
     ];
-    // SAFETY: `c` is NUL-terminated and `ts` is an array of two timespecs, as required.
-    ret(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), flags) }).map(|_| ())
+    sys(px::utimensat(None, &cpath(p), &ts, flags))
 }
 
 pub fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> Sys<()> {
-    let (cp, cn) = (cpath(p), cstr(name));
-    // SAFETY: path and name are NUL-terminated; `value` is readable for its length.
-    ret(unsafe {
-        libc::setxattr(
-            cp.as_ptr(),
-            cn.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            flags,
-        )
-    })
-    .map(|_| ())
+    sys(px::setxattr(&cpath(p), &cstr(name), value, flags))
 }
 
 pub fn lsetxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> Sys<()> {
-    let (cp, cn) = (cpath(p), cstr(name));
-    // SAFETY: path and name are NUL-terminated; `value` is readable for its length.
-    ret(unsafe {
-        libc::lsetxattr(
-            cp.as_ptr(),
-            cn.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            flags,
-        )
-    })
-    .map(|_| ())
+    sys(px::lsetxattr(&cpath(p), &cstr(name), value, flags))
 }
 
 /// getxattr(2) into a buffer of `bufsize` bytes; bufsize 0 asks for the length only (the
@@ -447,33 +324,20 @@ pub fn lsetxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> Sys<()> {
 pub fn getxattr(p: &Path, name: &str, bufsize: usize) -> Sys<Vec<u8>> {
     let (cp, cn) = (cpath(p), cstr(name));
     let mut buf = vec![0u8; bufsize];
-    // SAFETY: path and name are NUL-terminated; `buf` is writable for `buf.len()` bytes.
-    let n = ret_size(unsafe {
-        libc::getxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-    })?;
+    let n = sys(px::getxattr(&cp, &cn, &mut buf))?;
     buf.truncate(n);
     Ok(buf)
 }
 
 pub fn getxattr_len(p: &Path, name: &str) -> Sys<usize> {
-    let (cp, cn) = (cpath(p), cstr(name));
-    // SAFETY: path and name are NUL-terminated; a NULL buffer with size 0 is the documented
-    // way to ask for the value's length.
-    ret_size(unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0) })
+    sys(px::getxattr(&cpath(p), &cstr(name), &mut []))
 }
 
 /// listxattr(2) into `bufsize` bytes (0: length only, returned as that many zero bytes).
 pub fn listxattr(p: &Path, bufsize: usize) -> Sys<Vec<u8>> {
     let cp = cpath(p);
     let mut buf = vec![0u8; bufsize];
-    let ptr = if bufsize == 0 {
-        std::ptr::null_mut()
-    } else {
-        buf.as_mut_ptr().cast()
-    };
-    // SAFETY: `cp` is NUL-terminated; `ptr` is NULL with size 0, or `buf` writable for
-    // `buf.len()` bytes.
-    let n = ret_size(unsafe { libc::listxattr(cp.as_ptr(), ptr, buf.len()) })?;
+    let n = sys(px::listxattr(&cp, &mut buf))?;
     if bufsize == 0 {
         return Ok(vec![0; n]);
     }
@@ -482,9 +346,7 @@ pub fn listxattr(p: &Path, bufsize: usize) -> Sys<Vec<u8>> {
 }
 
 pub fn removexattr(p: &Path, name: &str) -> Sys<()> {
-    let (cp, cn) = (cpath(p), cstr(name));
-    // SAFETY: path and name are NUL-terminated and alive for the call.
-    ret(unsafe { libc::removexattr(cp.as_ptr(), cn.as_ptr()) }).map(|_| ())
+    sys(px::removexattr(&cpath(p), &cstr(name)))
 }
 
 /// One directory entry as getdents64 returns it.
@@ -500,24 +362,13 @@ pub fn getdents_fd(fd: &OwnedFd, bufsize: usize) -> Sys<Vec<Dirent>> {
     let mut buf = vec![0u8; bufsize];
     let mut out = Vec::new();
     loop {
-        // SAFETY: `buf` is writable for `buf.len()` bytes for the call.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_getdents64,
-                fd.as_raw_fd(),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            return Err(Errno::last());
-        }
+        let n = sys(px::getdents64(fd.as_fd(), &mut buf))?;
         if n == 0 {
             return Ok(out);
         }
         // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
         let mut off = 0usize;
-        while off < n as usize {
+        while off < n {
             let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
             let d_type = buf[off + 18];
             let raw = &buf[off + 19..off + reclen];
@@ -681,32 +532,26 @@ fn kind(st: &libc::stat) -> &'static str {
     }
 }
 
-/// A page-aligned heap buffer for O_DIRECT.
+/// A page-aligned, zeroed heap buffer for O_DIRECT. Over-allocates a Vec and uses an
+/// aligned window of it (a Vec's heap block does not move when the Vec does).
 struct Aligned {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
 }
 
 impl Aligned {
     fn new(len: usize) -> Aligned {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
-        // SAFETY: `layout` has a non-zero size (every caller asks for at least a page).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "allocation failed");
-        Aligned { ptr, layout }
+        const ALIGN: usize = 4096;
+        let raw = vec![0u8; len + ALIGN];
+        // For a byte pointer align_offset is always < ALIGN.
+        let start = raw.as_ptr().align_offset(ALIGN);
+        assert!(start < ALIGN, "cannot align a byte buffer");
+        Aligned { raw, start, len }
     }
 
     fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` points to `layout.size()` initialised (zeroed) bytes that we own
-        // exclusively through `&mut self`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated with exactly `layout` and is freed once.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+        &mut self.raw[self.start..self.start + self.len]
     }
 }
 
@@ -1902,34 +1747,16 @@ fn mmap_shared_write_then_read(root: &Path) -> Outcome {
     let f = j(root, "f");
     let fd = open(&f, O_CREAT | O_RDWR, 0o644).at("create")?;
     ftruncate(&fd, LEN as i64).at("ftruncate")?;
-    // SAFETY: a fresh shared mapping of LEN bytes of an open file descriptor; the result
-    // is checked against MAP_FAILED before use.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            LEN,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", Errno::last()));
-    }
+    let mut map = sys(px::Mapping::new(&fd, 0, LEN, true)).at("mmap")?;
     let mut data = vec![0u8; LEN];
     Rng(3).fill(&mut data);
-    // SAFETY: `p` maps LEN writable bytes and does not overlap `data`.
-    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.cast::<u8>(), LEN) };
-    // SAFETY: `p`/LEN is exactly the mapping created above.
-    let sync = ret(unsafe { libc::msync(p, LEN, libc::MS_SYNC) });
+    map.as_mut_slice()[..LEN].copy_from_slice(&data);
+    let sync = sys(map.msync());
     // pwrite through the descriptor must show in the mapping (one page cache).
     pwrite(&fd, b"via-fd", 4096).at("pwrite")?;
     let mut seen = [0u8; 6];
-    // SAFETY: bytes 4096..4102 lie inside the LEN-byte mapping.
-    unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>().add(4096), seen.as_mut_ptr(), 6) };
-    // SAFETY: `p`/LEN is exactly the mapping created above, unmapped once.
-    let unmap = ret(unsafe { libc::munmap(p, LEN) });
+    seen.copy_from_slice(&map.as_slice()[4096..4102]);
+    let unmap = sys(map.unmap());
     data[4096..4102].copy_from_slice(b"via-fd");
     let back = get(&f).at("read back")?;
     let s = [
