@@ -13,7 +13,7 @@
 #[path = "common/mount.rs"]
 mod mount;
 
-use mount::{MountOpts, MountedNode};
+use mount::{Cache, MountOpts, MountedNode};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -280,9 +280,9 @@ impl Dcp {
     }
 }
 
-fn roundtrip(test: &str, writeback_cache: bool) {
+fn roundtrip(test: &str, cache: Cache) {
     let mut node = MountedNode::start(&MountOpts {
-        writeback_cache,
+        cache,
         ..MountOpts::default()
     });
     let dcp = Dcp::new(&node, seed(test));
@@ -298,12 +298,17 @@ fn roundtrip(test: &str, writeback_cache: bool) {
 
 #[test]
 fn dcp_checkpoint_roundtrip() {
-    roundtrip("dcp_checkpoint_roundtrip", true);
+    roundtrip("dcp_checkpoint_roundtrip", Cache::Direct);
+}
+
+#[test]
+fn dcp_checkpoint_roundtrip_writeback() {
+    roundtrip("dcp_checkpoint_roundtrip_writeback", Cache::Writeback);
 }
 
 #[test]
 fn dcp_checkpoint_roundtrip_writethrough() {
-    roundtrip("dcp_checkpoint_roundtrip_writethrough", false);
+    roundtrip("dcp_checkpoint_roundtrip_writethrough", Cache::WriteThrough);
 }
 
 #[test]

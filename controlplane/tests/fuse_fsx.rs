@@ -122,7 +122,7 @@ fn fsx_on_mount_writeback() {
     fsx_on_mount(
         MountOpts {
             chunk_size: "1MiB",
-            writeback_cache: true,
+            cache: Cache::Writeback,
             ..MountOpts::default()
         },
         &[0xb0_0001, 0xb0_0002, 0xb0_0003],
@@ -135,10 +135,23 @@ fn fsx_on_mount_writethrough() {
     fsx_on_mount(
         MountOpts {
             chunk_size: "1MiB",
-            writeback_cache: false,
+            cache: Cache::WriteThrough,
             ..MountOpts::default()
         },
         &[0x70_0001, 0x70_0002, 0x70_0003],
+        3000,
+    );
+}
+
+#[test]
+fn fsx_on_mount_direct_io() {
+    fsx_on_mount(
+        MountOpts {
+            chunk_size: "1MiB",
+            cache: Cache::Direct,
+            ..MountOpts::default()
+        },
+        &[0xd0_0001, 0xd0_0002, 0xd0_0003],
         3000,
     );
 }

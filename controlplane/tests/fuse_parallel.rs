@@ -10,7 +10,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use mount::{MountOpts, MountedNode};
+use mount::{Cache, MountOpts, MountedNode};
 
 const THREADS: u64 = 4;
 const BLOCKS: u64 = 64;
@@ -41,9 +41,9 @@ fn expected() -> Vec<u8> {
     want
 }
 
-fn run(writeback_cache: bool) {
+fn run(cache: Cache) {
     let mut node = MountedNode::start(&MountOpts {
-        writeback_cache,
+        cache,
         ..MountOpts::default()
     });
     let path = node.mountpoint.join("shared.bin");
@@ -91,10 +91,15 @@ fn run(writeback_cache: bool) {
 
 #[test]
 fn parallel_writers_to_one_file_write_through() {
-    run(false);
+    run(Cache::WriteThrough);
+}
+
+#[test]
+fn parallel_writers_to_one_file_direct_io() {
+    run(Cache::Direct);
 }
 
 #[test]
 fn parallel_writers_to_one_file_writeback() {
-    run(true);
+    run(Cache::Writeback);
 }

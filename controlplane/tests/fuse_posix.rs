@@ -9,7 +9,7 @@ mod mount;
 #[path = "common/posix.rs"]
 mod posix;
 
-use mount::{MountOpts, MountedNode};
+use mount::{Cache, MountOpts, MountedNode};
 use posix::Errno;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -65,9 +65,9 @@ fn posix_helpers_pass_on_local_fs() {
     posix::rename_readers_never_see_enoent(d.path(), 1).expect("rename readers on local fs");
 }
 
-fn suite_against_mount(writeback_cache: bool) {
+fn suite_against_mount(cache: Cache) {
     let mut node = MountedNode::start(&MountOpts {
-        writeback_cache,
+        cache,
         ..MountOpts::default()
     });
     let root = node.mountpoint.join("posix");
@@ -76,7 +76,7 @@ fn suite_against_mount(writeback_cache: bool) {
     let mism = posix::run_all(&root, local.path());
     assert!(
         mism.is_empty(),
-        "{} POSIX mismatches (writeback_cache={writeback_cache}):\n{}\n--- daemon log tail:\n{}",
+        "{} POSIX mismatches (cache {cache:?}):\n{}\n--- daemon log tail:\n{}",
         mism.len(),
         mism.join("\n"),
         log_tail(&node, 8000)
@@ -86,12 +86,17 @@ fn suite_against_mount(writeback_cache: bool) {
 
 #[test]
 fn posix_suite_matches_local_fs() {
-    suite_against_mount(true);
+    suite_against_mount(Cache::Writeback);
+}
+
+#[test]
+fn posix_suite_matches_local_fs_direct_io() {
+    suite_against_mount(Cache::Direct);
 }
 
 #[test]
 fn posix_suite_matches_local_fs_writethrough() {
-    suite_against_mount(false);
+    suite_against_mount(Cache::WriteThrough);
 }
 
 #[test]

@@ -30,6 +30,8 @@ const BLKSIZE_BYTES: u32 = 1 << 20;
 pub struct FsOptions {
     pub attr_ttl: Duration,
     pub writeback_cache: bool,
+    /// Every open is a FUSE direct-I/O open (no page cache).
+    pub direct_io: bool,
     pub threads: usize,
 }
 
@@ -121,7 +123,7 @@ impl SpoolFs {
     }
 
     fn open_flags(&self, flags: i32) -> FopenFlags {
-        if flags & libc::O_DIRECT != 0 {
+        if self.opts.direct_io || flags & libc::O_DIRECT != 0 {
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
         } else {
             FopenFlags::empty()

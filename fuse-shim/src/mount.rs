@@ -20,6 +20,7 @@ pub struct MountOptions {
     pub mountpoint: PathBuf,
     pub threads: usize,
     pub writeback_cache: bool,
+    pub direct_io: bool,
     pub readahead_bytes: u64,
     pub attr_ttl: Duration,
     pub allow_other: bool,
@@ -118,6 +119,7 @@ impl Mounted {
             FsOptions {
                 attr_ttl: opts.attr_ttl,
                 writeback_cache: opts.writeback_cache,
+                direct_io: opts.direct_io,
                 threads: opts.threads,
             },
         );
@@ -156,7 +158,7 @@ impl Mounted {
                 })
                 .map_err(|e| Error::Mount(format!("starting the flusher: {e}")))?
         };
-        tracing::info!(mountpoint = %mp.display(), threads = opts.threads, writeback_cache = opts.writeback_cache, "mounted");
+        tracing::info!(mountpoint = %mp.display(), threads = opts.threads, direct_io = opts.direct_io, writeback_cache = opts.writeback_cache, "mounted");
         Ok(Mounted {
             session: Some(session),
             mountpoint: mp.clone(),

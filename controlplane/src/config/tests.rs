@@ -496,8 +496,14 @@ fn load_reads_a_file_and_names_it() {
 fn mount_section_defaults_and_validation() {
     let c = Config::from_toml_str(MINIMAL).unwrap();
     assert_eq!(c.mount.mountpoint, None);
-    assert_eq!(c.mount.threads, 4);
+    assert_eq!(c.mount.threads, 8);
     assert!(!c.mount.writeback_cache);
+    assert!(c.mount.direct_io);
+    assert_has(
+        &device("[mount]\nwriteback_cache = true\n"),
+        &["mount.writeback_cache = true", "mount.direct_io = false"],
+    );
+    assert!(with("[mount]\nwriteback_cache = true\ndirect_io = false\n").is_ok());
     assert_eq!(c.mount.readahead, ByteSize::mib(16));
     let ok = with("[mount]\nmountpoint = \"/mnt/spool\"\nthreads = 8\n").unwrap();
     assert_eq!(

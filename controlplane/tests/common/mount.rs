@@ -9,12 +9,23 @@ use std::time::{Duration, Instant};
 
 pub const SPOOL: &str = env!("CARGO_BIN_EXE_spool");
 
+/// How the kernel caches file data on the mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cache {
+    /// FUSE direct I/O for every open (the daemon's default).
+    Direct,
+    /// Page cache, every write(2) sent at once.
+    WriteThrough,
+    /// Page cache with the kernel's writeback cache.
+    Writeback,
+}
+
 /// How the node is configured.
 #[derive(Clone, Debug)]
 pub struct MountOpts {
     pub device_size: &'static str,
     pub chunk_size: &'static str,
-    pub writeback_cache: bool,
+    pub cache: Cache,
     pub threads: usize,
     pub buffers: usize,
 }
@@ -24,7 +35,7 @@ impl Default for MountOpts {
         MountOpts {
             device_size: "1GiB",
             chunk_size: "1MiB",
-            writeback_cache: true,
+            cache: Cache::Direct,
             threads: 4,
             buffers: 32,
         }
@@ -63,7 +74,8 @@ impl MountedNode {
              [dataplane]\ncores = 1\npin = false\nidle_spin_us = 20\n\
              [hugepages]\npolicy = \"none\"\nbuffers = {buffers}\n\
              [admin]\nsocket = \"{sock}\"\n\
-             [mount]\nmountpoint = \"{mnt}\"\nthreads = {threads}\nwriteback_cache = {wb}\n",
+             [mount]\nmountpoint = \"{mnt}\"\nthreads = {threads}\n\
+             direct_io = {dio}\nwriteback_cache = {wb}\n",
             d = dir.path().display(),
             size = opts.device_size,
             cs = opts.chunk_size,
@@ -71,7 +83,8 @@ impl MountedNode {
             sock = socket.display(),
             mnt = mountpoint.display(),
             threads = opts.threads,
-            wb = opts.writeback_cache,
+            dio = opts.cache == Cache::Direct,
+            wb = opts.cache == Cache::Writeback,
         );
         std::fs::write(&config, text).expect("config");
         let mut node = MountedNode {

@@ -42,11 +42,14 @@ pub struct FuseBench {
     /// Directory on a local filesystem for the comparison (default: beside --path).
     #[arg(long)]
     pub local_dir: Option<PathBuf>,
-    /// Kernel writeback cache on the mount (true or false).
+    /// Every open bypasses the page cache (FUSE direct I/O; true or false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub direct_io: bool,
+    /// Kernel writeback cache on the mount (true or false; needs --direct-io false).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub writeback_cache: bool,
     /// FUSE threads.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     pub threads: usize,
     /// Rounds (medians are reported).
     #[arg(long, default_value_t = 3)]
@@ -218,6 +221,9 @@ pub fn run(b: &FuseBench) -> Result<()> {
             b.size
         );
     }
+    if b.direct_io && b.writeback_cache {
+        bail!("--writeback-cache true needs --direct-io false");
+    }
     prepare_file(&b.path, b.size.0)?;
     let local = match &b.local_dir {
         Some(d) => d.clone(),
@@ -234,12 +240,18 @@ pub fn run(b: &FuseBench) -> Result<()> {
     let buffers = 2 * b.threads + 8 + 2 * b.writers;
     let pool = DmaPool::new("bench", IO_BYTES as usize, buffers, PagePolicy::PreferHuge)?;
     eprintln!(
-        "bench: {} writers x {} MiB, 1 MiB writes + fsync, {} round(s); mount with {} FUSE threads, writeback cache {}; local files in {}",
+        "bench: {} writers x {} MiB, 1 MiB writes + fsync, {} round(s); mount with {} FUSE threads, {}; local files in {}",
         b.writers,
         shard >> 20,
         b.repeat,
         b.threads,
-        if b.writeback_cache { "on" } else { "off" },
+        if b.direct_io {
+            "direct I/O"
+        } else if b.writeback_cache {
+            "writeback cache"
+        } else {
+            "write-through page cache"
+        },
         local.display()
     );
     let mut samples = Vec::new();
@@ -264,6 +276,7 @@ pub fn run(b: &FuseBench) -> Result<()> {
             mountpoint: mnt.clone(),
             threads: b.threads,
             writeback_cache: b.writeback_cache,
+            direct_io: b.direct_io,
             readahead_bytes: 16 << 20,
             attr_ttl: Duration::from_secs(1),
             allow_other: true,
@@ -333,7 +346,7 @@ fn print_table(samples: &[Sample], b: &FuseBench, shard: u64) -> Result<()> {
         "{:<13} {:>9} {:>13} {:>10}",
         "scenario", "GB/s", "min-max", "vs_direct"
     );
-    let mut csv = String::from("scenario,median_gb_per_s,min_gb_per_s,max_gb_per_s,ratio_vs_direct,writers,shard_bytes,threads,writeback_cache,rounds\n");
+    let mut csv = String::from("scenario,median_gb_per_s,min_gb_per_s,max_gb_per_s,ratio_vs_direct,writers,shard_bytes,threads,direct_io,writeback_cache,rounds\n");
     for n in names {
         let (m, lo, hi) = med(n);
         let base = if n.ends_with("write") {
@@ -350,8 +363,8 @@ fn print_table(samples: &[Sample], b: &FuseBench, shard: u64) -> Result<()> {
             ratio
         );
         csv.push_str(&format!(
-            "{n},{m:.4},{lo:.4},{hi:.4},{ratio:.3},{},{shard},{},{},{}\n",
-            b.writers, b.threads, b.writeback_cache, b.repeat
+            "{n},{m:.4},{lo:.4},{hi:.4},{ratio:.3},{},{shard},{},{},{},{}\n",
+            b.writers, b.threads, b.direct_io, b.writeback_cache, b.repeat
         ));
     }
     if let Some(p) = &b.csv {

@@ -111,6 +111,7 @@ impl Node {
             mountpoint: path.to_owned(),
             threads: c.threads,
             writeback_cache: c.writeback_cache,
+            direct_io: c.direct_io,
             readahead_bytes: c.readahead.0,
             attr_ttl: Duration::from_millis(c.attr_ttl_ms),
             allow_other: c.allow_other,
