@@ -131,6 +131,18 @@ impl SpoolFs {
     }
 }
 
+/// A new inode of `kind` owned by the caller, with `mode`'s permission bits minus `umask`.
+fn new_node(req: &Request, kind: Kind, mode: u32, umask: u32, rdev: u32) -> NewNode<'static> {
+    NewNode {
+        kind,
+        perm: (mode & !umask & 0o7777) as u16,
+        uid: req.uid(),
+        gid: req.gid(),
+        rdev,
+        target: &[],
+    }
+}
+
 /// The kind and permission bits of a `mode`.
 fn kind_of(mode: u32) -> Option<Kind> {
     Some(match mode & libc::S_IFMT {
@@ -277,14 +289,7 @@ impl Filesystem for SpoolFs {
         if matches!(kind, Kind::Dir | Kind::Symlink) {
             return reply.error(Errno::EINVAL);
         }
-        let new = NewNode {
-            kind,
-            perm: (mode & !umask & 0o7777) as u16,
-            uid: req.uid(),
-            gid: req.gid(),
-            rdev,
-            target: &[],
-        };
+        let new = new_node(req, kind, mode, umask, rdev);
         self.entry(self.new_node(parent.0, name, new), reply);
     }
 
@@ -297,14 +302,7 @@ impl Filesystem for SpoolFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let new = NewNode {
-            kind: Kind::Dir,
-            perm: (mode & !umask & 0o7777) as u16,
-            uid: req.uid(),
-            gid: req.gid(),
-            rdev: 0,
-            target: &[],
-        };
+        let new = new_node(req, Kind::Dir, mode, umask, 0);
         self.entry(self.new_node(parent.0, name, new), reply);
     }
 
@@ -600,14 +598,7 @@ impl Filesystem for SpoolFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let new = NewNode {
-            kind: Kind::File,
-            perm: (mode & !umask & 0o7777) as u16,
-            uid: req.uid(),
-            gid: req.gid(),
-            rdev: 0,
-            target: &[],
-        };
+        let new = new_node(req, Kind::File, mode, umask, 0);
         let rec = match self.new_node(parent.0, name, new) {
             Ok(r) => r,
             Err(e) => return reply.error(err(&e)),
