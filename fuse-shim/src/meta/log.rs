@@ -77,7 +77,8 @@ pub struct MetaLog {
     io: Arc<ChunkIo>,
     inner: Mutex<Inner>,
     cond: Condvar,
-    /// Largest batch: one DMA buffer and at most one chunk.
+    /// Largest batch: one DMA buffer, and a chunk minus the pad block a batch may have
+    /// to follow.
     batch_max: usize,
 }
 
@@ -96,7 +97,7 @@ impl MetaLog {
     /// Reads the namespace from the device: the checkpoint and the log after it, every
     /// batch verified. A fresh device gives no records and `fresh`.
     pub fn open(io: Arc<ChunkIo>) -> Result<(MetaLog, Loaded)> {
-        let batch_max = io.io_size_max as usize;
+        let batch_max = (io.io_size_max as usize).min((io.chunk_size - BLOCK_SIZE) as usize);
         let (info, _) = io.run_one(ChunkOp::Stat {
             chunk: root_chunk(),
         });
@@ -208,10 +209,14 @@ impl MetaLog {
             i.log_bytes = log_bytes;
             i.checkpoint_bytes = ckpt_bytes;
         }
-        // A crash between a root switch and freeing the old generation leaves it.
+        // A crash between a root switch and freeing the old generation leaves it; a
+        // crash (or failure) in the middle of a checkpoint leaves part of the next one,
+        // whose chunks the next checkpoint would otherwise rewrite copy-on-write and
+        // keep their stale tails.
         if root.generation > 1 {
             log.free_generation(root.generation - 1)?;
         }
+        log.free_generation(root.generation + 1)?;
         Ok((
             log,
             Loaded {
@@ -369,6 +374,12 @@ impl MetaLog {
         Ok(i.next_lsn)
     }
 
+    /// Waits until every record queued so far is durable.
+    pub fn wait_all(&self) -> Result<()> {
+        let lsn = lock(&self.inner).next_lsn;
+        self.wait(lsn)
+    }
+
     /// Waits until every record below `lsn` is durable, writing batches as needed.
     pub fn wait(&self, lsn: u64) -> Result<()> {
         let mut i = lock(&self.inner);
@@ -435,10 +446,18 @@ impl MetaLog {
 
         let mut frame = Vec::with_capacity(bytes);
         encode_batch(&h, &body, &mut frame);
-        let mut r = self.write_chunk(log_chunk(generation, k), off, &frame);
-        if r.is_ok() && take_next {
-            r = self.write_pad(ns_id, generation, k + 1);
-        }
+        let r = self.write_chunk(log_chunk(generation, k), off, &frame);
+        // The pad only reserves the next chunk early; if it fails (the device is
+        // full), the batch is still durable and the next chunk is taken when needed.
+        let take_next = take_next
+            && r.is_ok()
+            && match self.write_pad(ns_id, generation, k + 1) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not take the next metadata log chunk early");
+                    false
+                }
+            };
 
         let mut i = lock(&self.inner);
         i.writing = false;
@@ -532,6 +551,8 @@ impl MetaLog {
         records: &[Record],
     ) -> Result<()> {
         let ns_id = lock(&self.inner).root.ns_id;
+        // Chunks of an earlier attempt at this generation must be holes again first.
+        self.free_generation(generation)?;
         let cs = self.io.chunk_size as usize;
         let room = self.batch_max - BATCH_HEADER_BYTES;
         let mut chunk_data: Vec<u8> = Vec::new();

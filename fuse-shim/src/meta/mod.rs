@@ -825,7 +825,10 @@ impl Namespace {
             return Ok(());
         };
         if !n.dirty {
-            return Ok(());
+            // Another thread (the flusher, another close, an update) may have queued
+            // this inode's record and not yet seen it durable: wait for it too.
+            drop(st);
+            return self.log.wait_all();
         }
         n.dirty = false;
         let rec = n.rec.clone();
