@@ -319,18 +319,27 @@ impl Namespace {
         let first_chunk = size / cs;
         let keep_in_first = round_up(size % cs, BLOCK) as u32;
         let last_chunk = alloc_end.max(size).div_ceil(cs);
-        let mut ops = Vec::new();
-        for c in first_chunk..last_chunk.max(first_chunk + 1) {
-            let chunk = ChunkId {
+        // Which chunks exist: all Stats at once (pipelined; this runs for every file
+        // at recovery).
+        let chunks: Vec<ChunkId> = (first_chunk..last_chunk.max(first_chunk + 1))
+            .map(|c| ChunkId {
                 inode: ino,
                 index: c as u32,
-            };
-            let (info, _) = self.io.run_one(ChunkOp::Stat { chunk });
+            })
+            .collect();
+        let stats = self.io.run(
+            chunks
+                .iter()
+                .map(|&chunk| ChunkOp::Stat { chunk })
+                .collect(),
+        );
+        let mut ops = Vec::new();
+        for (chunk, (info, _)) in chunks.into_iter().zip(stats) {
             let info = info?;
             if info.version == 0 {
                 continue;
             }
-            if c == first_chunk && keep_in_first > 0 {
+            if u64::from(chunk.index) == first_chunk && keep_in_first > 0 {
                 if info.len > keep_in_first {
                     ops.push(ChunkOp::Truncate {
                         chunk,
