@@ -158,39 +158,13 @@ fn fsx_on_mount_direct_io() {
 
 #[test]
 fn fsx_on_mount_small_chunks() {
-    let node = start_with_small_chunks("64KiB");
-    fsx_on_node(node, "chunk_size 64KiB", &[0x64_0001], 3000);
-}
-
-/// A node whose chunks are smaller than 1MiB. The daemon requires
-/// dataplane.io_size_max <= device.chunk_size and io_size_max defaults to 1MiB, but
-/// MountOpts cannot set io_size_max; so start a default node (which writes the config),
-/// stop it, rewrite the config for the small chunks, drop its device so the next start
-/// formats a fresh one with them, and start again.
-// TODO(mount.rs): drop this once MountOpts has io_size_max (or the default follows
-// chunk_size).
-fn start_with_small_chunks(chunk: &str) -> MountedNode {
-    let mut node = MountedNode::start(&MountOpts::default());
-    node.stop();
-    let text = std::fs::read_to_string(&node.config).expect("read config");
-    let mut out = String::new();
-    for line in text.lines() {
-        let key = line.split('=').next().unwrap_or("").trim();
-        if key == "io_size_max" {
-            continue;
-        }
-        if key == "chunk_size" {
-            out.push_str(&format!("chunk_size = \"{chunk}\"\n"));
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-        if line.trim() == "[dataplane]" {
-            out.push_str(&format!("io_size_max = \"{chunk}\"\n"));
-        }
-    }
-    std::fs::write(&node.config, out).expect("write config");
-    std::fs::remove_file(node.dir.path().join("dev.img")).expect("remove the old device");
-    node.restart();
-    node
+    fsx_on_mount(
+        MountOpts {
+            chunk_size: "64KiB",
+            io_size_max: "64KiB",
+            ..MountOpts::default()
+        },
+        &[0x64_0001],
+        3000,
+    );
 }

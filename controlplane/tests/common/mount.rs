@@ -25,6 +25,8 @@ pub enum Cache {
 pub struct MountOpts {
     pub device_size: &'static str,
     pub chunk_size: &'static str,
+    /// Largest device I/O and DMA buffer size (at most the chunk size).
+    pub io_size_max: &'static str,
     pub cache: Cache,
     pub threads: usize,
     pub buffers: usize,
@@ -35,6 +37,7 @@ impl Default for MountOpts {
         MountOpts {
             device_size: "1GiB",
             chunk_size: "1MiB",
+            io_size_max: "1MiB",
             cache: Cache::Direct,
             threads: 4,
             buffers: 32,
@@ -71,7 +74,7 @@ impl MountedNode {
         let log = dir.path().join("spool.log");
         let text = format!(
             "[device]\npath = \"{d}/dev.img\"\nsize = \"{size}\"\nchunk_size = \"{cs}\"\n\
-             [dataplane]\ncores = 1\npin = false\nidle_spin_us = 20\n\
+             [dataplane]\ncores = 1\npin = false\nidle_spin_us = 20\nio_size_max = \"{io}\"\n\
              [hugepages]\npolicy = \"none\"\nbuffers = {buffers}\n\
              [admin]\nsocket = \"{sock}\"\n\
              [mount]\nmountpoint = \"{mnt}\"\nthreads = {threads}\n\
@@ -79,6 +82,7 @@ impl MountedNode {
             d = dir.path().display(),
             size = opts.device_size,
             cs = opts.chunk_size,
+            io = opts.io_size_max,
             buffers = opts.buffers,
             sock = socket.display(),
             mnt = mountpoint.display(),
