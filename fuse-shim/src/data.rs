@@ -298,10 +298,11 @@ impl Namespace {
         let cs = self.chunk_size;
         if size % BLOCK != 0 {
             let b = round_down(size, BLOCK);
-            let kept = self.read_block_for_merge(ino, b, size + BLOCK)?;
-            let garbage = kept[(size - b) as usize..].iter().any(|&x| x != 0);
-            if garbage {
-                let merged = self.read_block_for_merge(ino, b, size)?;
+            // The whole block as stored: garbage is any non-zero byte past the size.
+            let mut merged = self.read_block_for_merge(ino, b, size + BLOCK)?;
+            let tail = &mut merged[(size - b) as usize..];
+            if tail.iter().any(|&x| x != 0) {
+                tail.fill(0);
                 let (chunk, coff) = self.chunk_of(ino, b);
                 let mut buf = self.io.buffer();
                 buf.set_len(BLOCK as usize);

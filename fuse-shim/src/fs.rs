@@ -118,10 +118,6 @@ impl SpoolFs {
         }
     }
 
-    fn new_node(&self, parent: u64, name: &OsStr, new: NewNode<'_>) -> Result<InodeRec, Error> {
-        self.ns.create(parent, name.as_bytes(), &new)
-    }
-
     fn open_flags(&self, flags: i32) -> FopenFlags {
         if self.opts.direct_io || flags & libc::O_DIRECT != 0 {
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
@@ -290,7 +286,7 @@ impl Filesystem for SpoolFs {
             return reply.error(Errno::EINVAL);
         }
         let new = new_node(req, kind, mode, umask, rdev);
-        self.entry(self.new_node(parent.0, name, new), reply);
+        self.entry(self.ns.create(parent.0, name.as_bytes(), &new), reply);
     }
 
     fn mkdir(
@@ -303,7 +299,7 @@ impl Filesystem for SpoolFs {
         reply: ReplyEntry,
     ) {
         let new = new_node(req, Kind::Dir, mode, umask, 0);
-        self.entry(self.new_node(parent.0, name, new), reply);
+        self.entry(self.ns.create(parent.0, name.as_bytes(), &new), reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -330,7 +326,7 @@ impl Filesystem for SpoolFs {
             rdev: 0,
             target: target.as_os_str().as_bytes(),
         };
-        self.entry(self.new_node(parent.0, link_name, new), reply);
+        self.entry(self.ns.create(parent.0, link_name.as_bytes(), &new), reply);
     }
 
     fn rename(
@@ -599,7 +595,7 @@ impl Filesystem for SpoolFs {
         reply: ReplyCreate,
     ) {
         let new = new_node(req, Kind::File, mode, umask, 0);
-        let rec = match self.new_node(parent.0, name, new) {
+        let rec = match self.ns.create(parent.0, name.as_bytes(), &new) {
             Ok(r) => r,
             Err(e) => return reply.error(err(&e)),
         };

@@ -65,15 +65,6 @@ impl ChunkIo {
         }
     }
 
-    /// A zero-filled buffer holding `len` bytes.
-    pub fn zeroed(&self, len: usize) -> DmaBuf {
-        let mut b = self.buffer();
-        b.set_len(len.div_ceil(4096) * 4096);
-        b.as_mut_slice().fill(0);
-        b.set_len(len);
-        b
-    }
-
     /// Runs `ops` (pipelined, at most `CLIENT_INFLIGHT_MAX` in flight) and returns
     /// their outcomes in the same order.
     pub fn run(&self, ops: Vec<ChunkOp>) -> Vec<OpResult> {

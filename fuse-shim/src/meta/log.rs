@@ -54,7 +54,6 @@ struct Inner {
     /// op's records always travel in one batch: that makes the op atomic).
     pending: Vec<u8>,
     pending_ops: VecDeque<(usize, u32)>,
-    pending_count: u32,
     /// lsn of the next record enqueued; every record below `durable_lsn` is durable.
     next_lsn: u64,
     durable_lsn: u64,
@@ -113,7 +112,6 @@ impl MetaLog {
                 },
                 pending: Vec::new(),
                 pending_ops: VecDeque::new(),
-                pending_count: 0,
                 next_lsn: 0,
                 durable_lsn: 0,
                 first_pending_lsn: 0,
@@ -369,7 +367,6 @@ impl MetaLog {
         }
         let n = records.len() as u32;
         i.pending_ops.push_back((end, n));
-        i.pending_count += n;
         i.next_lsn += u64::from(n);
         Ok(i.next_lsn)
     }
@@ -417,7 +414,6 @@ impl MetaLog {
         for op in i.pending_ops.iter_mut() {
             op.0 -= take;
         }
-        i.pending_count -= count;
         let h = BatchHeader {
             ns_id: i.root.ns_id,
             generation: i.root.generation,
@@ -527,7 +523,6 @@ impl MetaLog {
                 // The state written covers every pending op: they are durable now.
                 i.pending.clear();
                 i.pending_ops.clear();
-                i.pending_count = 0;
                 i.first_pending_lsn = next_lsn;
                 i.durable_lsn = next_lsn;
             }

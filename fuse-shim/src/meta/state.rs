@@ -77,10 +77,10 @@ impl Node {
 #[derive(Debug, Default)]
 pub struct State {
     pub nodes: FxHashMap<u64, Node>,
-    /// Next inode number to hand out, and the persisted high-water mark below which
-    /// numbers may already be in use.
+    /// Next inode number to hand out: above every inode ever created, since a
+    /// checkpoint keeps it (`NextIno`) and replayed inode records raise it, so numbers
+    /// of deleted inodes are never reused.
     pub next_ino: u64,
-    pub ino_reserved: u64,
 }
 
 impl State {
@@ -149,7 +149,6 @@ impl State {
                 }
             }
             Record::NextIno { next } => {
-                self.ino_reserved = self.ino_reserved.max(*next);
                 self.next_ino = self.next_ino.max(*next);
             }
         }
@@ -185,7 +184,7 @@ impl State {
             }
         }
         out.push(Record::NextIno {
-            next: self.ino_reserved.max(self.next_ino),
+            next: self.next_ino,
         });
     }
 }
