@@ -32,8 +32,11 @@ SPOOL_PKGS_BENCH=(fio)
 # The quickstart scrapes the Prometheus endpoint with curl.
 SPOOL_PKGS_QUICKSTART=(curl ca-certificates)
 
+# Multi-node tests and benchmarks: a real etcd for membership, nftables and tc (iproute2)
+# for the nemesis's partitions and throttles, iperf3 for the network's physical limit.
+SPOOL_PKGS_CLUSTER=(etcd-server etcd-client nftables iperf3)
+
 # Later issues add lists here, e.g.:
-#   SPOOL_PKGS_CLUSTER=(etcd-server)                     # membership tests
 #   SPOOL_PKGS_VMLAB=(qemu-system-x86 qemu-utils ...)    # NVMe/RDMA backends in a VM
 #   SPOOL_PKGS_BLOB=(...)                                 # blob tier tests (Azurite: npm)
 SPOOL_DEB_PKGS=(
@@ -41,6 +44,7 @@ SPOOL_DEB_PKGS=(
     "${SPOOL_PKGS_TEST[@]}"
     "${SPOOL_PKGS_BENCH[@]}"
     "${SPOOL_PKGS_QUICKSTART[@]}"
+    "${SPOOL_PKGS_CLUSTER[@]}"
 )
 
 # Oldest cargo accepted; the workspace's rust-version wins when it can be read.

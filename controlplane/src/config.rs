@@ -46,6 +46,102 @@ pub struct Config {
     /// `[mount]`
     #[serde(default)]
     pub mount: MountConfig,
+    /// `[cluster]`: present = this node joins a cluster (etcd membership, chain
+    /// replication over TCP); absent = a single node, no etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: membership in etcd and replication between nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id, unique in the cluster, 1..1000000.
+    pub node_id: u32,
+    /// Transport address peers and clients connect to ("ip:port"; not 0.0.0.0).
+    pub listen: SocketAddr,
+    /// etcd client URLs ("http://host:port"), at least one.
+    pub etcd: Vec<String>,
+    /// Cluster name: keys live under `/spool/<name>/` in etcd (default "spool").
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    /// File holding the shared cluster key (at least 16 bytes; mode 0600 advised).
+    /// Peers and clients prove they hold it before anything else is accepted.
+    pub key_file: PathBuf,
+    /// Copies of every chunk, 1..3 (default 2).
+    #[serde(default = "default_replication")]
+    pub replication: u8,
+    /// Nodes that must have registered before the leader publishes the first chain
+    /// table, 1..1024 (default 1).
+    #[serde(default = "default_initial_nodes")]
+    pub initial_nodes: u32,
+    /// Most chains in the table, 1..65536 (default 256).
+    #[serde(default = "default_chains_max")]
+    pub chains_max: u32,
+    /// Membership lease TTL: a node silent this long is down, 1..60 (default 3).
+    #[serde(default = "default_lease_ttl_s")]
+    pub lease_ttl_s: u32,
+    /// A node down this long is lost: its chains are refilled on other nodes,
+    /// 1..604800 (default 300).
+    #[serde(default = "default_node_lost_after_s")]
+    pub node_lost_after_s: u32,
+}
+
+fn default_cluster_name() -> String {
+    "spool".to_owned()
+}
+fn default_replication() -> u8 {
+    2
+}
+fn default_initial_nodes() -> u32 {
+    1
+}
+fn default_chains_max() -> u32 {
+    256
+}
+fn default_lease_ttl_s() -> u32 {
+    3
+}
+fn default_node_lost_after_s() -> u32 {
+    300
+}
+
+impl ClusterConfig {
+    fn check(&self, p: &mut Vec<String>) {
+        CLUSTER_NODE_ID.check(u64::from(self.node_id), p);
+        CLUSTER_REPLICATION.check(u64::from(self.replication), p);
+        CLUSTER_INITIAL_NODES.check(u64::from(self.initial_nodes), p);
+        CLUSTER_CHAINS_MAX.check(u64::from(self.chains_max), p);
+        CLUSTER_LEASE_TTL_S.check(u64::from(self.lease_ttl_s), p);
+        CLUSTER_NODE_LOST_AFTER_S.check(u64::from(self.node_lost_after_s), p);
+        if self.listen.ip().is_unspecified() || self.listen.port() == 0 {
+            p.push(format!(
+                "cluster.listen = \"{}\": must be this node's own address and a port \
+                 (peers dial it), not 0.0.0.0 or port 0",
+                self.listen
+            ));
+        }
+        if self.etcd.is_empty() {
+            p.push("cluster.etcd = []: at least one etcd URL (\"http://host:port\")".to_owned());
+        }
+        for u in &self.etcd {
+            let ok = u
+                .strip_prefix("http://")
+                .and_then(|r| r.trim_end_matches('/').rsplit_once(':'))
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                p.push(format!(
+                    "cluster.etcd = {u:?}: must look like \"http://host:port\""
+                ));
+            }
+        }
+        if let Some(why) = node_name_problem(&self.name) {
+            p.push(format!("cluster.name = {:?}: {why}", self.name));
+        }
+        if self.key_file.as_os_str().is_empty() {
+            p.push("cluster.key_file = \"\": a file with the cluster key".to_owned());
+        }
+    }
 }
 
 /// `[mount]`: the FUSE mount the daemon serves.
@@ -377,7 +473,44 @@ const MOUNT_ATTR_TTL_MS: IntRange = IntRange {
     max: 3_600_000,
 };
 
-const INT_RANGES: [&IntRange; 10] = [
+const CLUSTER_NODE_ID: IntRange = IntRange {
+    key: "cluster.node_id",
+    min: 1,
+    max: 1_000_000,
+};
+const CLUSTER_REPLICATION: IntRange = IntRange {
+    key: "cluster.replication",
+    min: 1,
+    max: 3,
+};
+const CLUSTER_INITIAL_NODES: IntRange = IntRange {
+    key: "cluster.initial_nodes",
+    min: 1,
+    max: 1024,
+};
+const CLUSTER_CHAINS_MAX: IntRange = IntRange {
+    key: "cluster.chains_max",
+    min: 1,
+    max: 65536,
+};
+const CLUSTER_LEASE_TTL_S: IntRange = IntRange {
+    key: "cluster.lease_ttl_s",
+    min: 1,
+    max: 60,
+};
+const CLUSTER_NODE_LOST_AFTER_S: IntRange = IntRange {
+    key: "cluster.node_lost_after_s",
+    min: 1,
+    max: 604_800,
+};
+
+const INT_RANGES: [&IntRange; 16] = [
+    &CLUSTER_NODE_ID,
+    &CLUSTER_REPLICATION,
+    &CLUSTER_INITIAL_NODES,
+    &CLUSTER_CHAINS_MAX,
+    &CLUSTER_LEASE_TTL_S,
+    &CLUSTER_NODE_LOST_AFTER_S,
     &DEVICE_SHARDS,
     &DEVICE_QUEUE_DEPTH,
     &DATAPLANE_CORES,
@@ -467,6 +600,9 @@ impl Config {
         HUGEPAGES_BUFFERS.check(self.hugepages.buffers as u64, &mut p);
         check_socket_path(&self.admin.socket, &mut p);
         self.mount.check(&mut p);
+        if let Some(c) = &self.cluster {
+            c.check(&mut p);
+        }
         // Each FUSE thread holds up to two buffers while it waits for more.
         let need = 2 * self.mount.threads + 8;
         if self.hugepages.buffers < need {

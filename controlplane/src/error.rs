@@ -82,4 +82,14 @@ pub enum Error {
     /// A log filter that does not parse, or a subscriber that cannot be installed.
     #[error("log: {0}")]
     Log(String),
+
+    /// An etcd request failed: no endpoint reachable, no answer in time, a rejection
+    /// by etcd, or a response that is not what the gateway should send.
+    #[error("etcd {endpoint}: {reason}")]
+    Etcd {
+        /// The endpoint URL (all of them, comma-separated, when none was reachable).
+        endpoint: String,
+        /// What happened.
+        reason: String,
+    },
 }

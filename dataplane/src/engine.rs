@@ -42,11 +42,22 @@ pub struct EngineOptions {
 
 /// A client's completion queue: bounded, single consumer (the client), pushed by
 /// cores.
-#[derive(Debug)]
 struct ReplyQueue {
     done: ArrayQueue<ShardCompletion>,
     waiting: AtomicBool,
     thread: Mutex<Option<Thread>>,
+    /// Called instead of unparking when the owner sleeps in something else (an epoll).
+    waker: std::sync::OnceLock<Waker>,
+}
+
+type Waker = Box<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for ReplyQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyQueue")
+            .field("done", &self.done.len())
+            .finish()
+    }
 }
 
 impl ReplyQueue {
@@ -62,6 +73,10 @@ impl ReplyQueue {
         // is lost (without the fences a store may pass a later load).
         fence(Ordering::SeqCst);
         if self.waiting.load(Ordering::SeqCst) {
+            if let Some(w) = self.waker.get() {
+                w();
+                return;
+            }
             if let Ok(t) = self.thread.lock() {
                 if let Some(t) = t.as_ref() {
                     t.unpark();
@@ -266,13 +281,14 @@ impl Engine {
                 done: ArrayQueue::new(inflight_max),
                 waiting: AtomicBool::new(false),
                 thread: Mutex::new(Some(std::thread::current())),
+                waker: std::sync::OnceLock::new(),
             }),
             in_flight: 0,
         }
     }
 
     fn core_of(&self, op: &ChunkOp) -> usize {
-        op.chunk().shard(self.superblock.geometry.shard_count) as usize % self.cores.len()
+        op.shard(self.superblock.geometry.shard_count) as usize % self.cores.len()
     }
 
     pub fn status(&self) -> EngineStatus {
@@ -358,6 +374,17 @@ impl Client {
     /// Queues a request. Fails with the op handed back when this client already has
     /// its maximum outstanding or the core's ring is full (`Error::Busy`).
     pub fn submit(&mut self, tag: u64, op: ChunkOp) -> Result<(), (Error, ChunkOp)> {
+        self.submit_versioned(tag, op, 0)
+    }
+
+    /// `submit` for a mutation that must commit with exactly `version` (see
+    /// `ShardRequest::version`; 0 lets the store number it).
+    pub fn submit_versioned(
+        &mut self,
+        tag: u64,
+        op: ChunkOp,
+        version: u64,
+    ) -> Result<(), (Error, ChunkOp)> {
         if self.in_flight >= self.reply.done.capacity() {
             return Err((Error::Busy, op));
         }
@@ -371,6 +398,7 @@ impl Client {
                 tag,
                 op,
                 read_check: ReadCheck::ByReceiver,
+                version,
             },
             reply: Arc::clone(&self.reply),
         };
@@ -430,6 +458,28 @@ impl Client {
             }
             self.reply.waiting.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// Has `wake` called when a completion arrives while this client's owner sleeps
+    /// between `sleep_begin` and `sleep_end` (for owners that sleep in an epoll rather
+    /// than `wait`). Set once.
+    pub fn set_waker(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.reply.waker.set(wake);
+    }
+
+    /// Announces a sleep; false when completions are already waiting (do not sleep).
+    pub fn sleep_begin(&self) -> bool {
+        self.reply.waiting.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.reply.done.is_empty() {
+            return true;
+        }
+        self.reply.waiting.store(false, Ordering::SeqCst);
+        false
+    }
+
+    pub fn sleep_end(&self) {
+        self.reply.waiting.store(false, Ordering::SeqCst);
     }
 
     /// Runs one request to completion (tools and tests; the hot path pipelines).
@@ -540,6 +590,7 @@ impl CoreLoop {
                     tag: internal,
                     op: sub.req.op,
                     read_check: sub.req.read_check,
+                    version: sub.req.version,
                 };
                 match store.submit(req, &mut out) {
                     Ok(()) => {
@@ -554,6 +605,7 @@ impl CoreLoop {
                                 tag: origin.tag,
                                 op: back.op,
                                 read_check: back.read_check,
+                                version: back.version,
                             },
                             reply: origin.reply,
                         });

@@ -10,6 +10,8 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod metrics;
+pub mod net;
+pub mod replica;
 pub mod store;
 
 pub use error::Error;

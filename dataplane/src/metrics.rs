@@ -21,6 +21,18 @@ pub const C_WRITE_BYTES: usize = 4;
 pub const C_WRITE_ERRORS: usize = 5;
 pub const C_META_OPS: usize = 6;
 pub const C_META_ERRORS: usize = 7;
+pub const C_NET_FRAMES_IN: usize = 8;
+pub const C_NET_FRAMES_OUT: usize = 9;
+pub const C_NET_BAD_FRAMES: usize = 10;
+pub const C_NET_AUTH_FAILURES: usize = 11;
+pub const C_REPL_CLIENT_WRITES: usize = 12;
+pub const C_REPL_CHAIN_WRITES: usize = 13;
+pub const C_REPL_DUPLICATES: usize = 14;
+pub const C_REPL_FAILED: usize = 15;
+pub const C_REPL_PROXIED: usize = 16;
+pub const C_SYNC_CHUNKS: usize = 17;
+pub const C_SYNC_BYTES: usize = 18;
+pub const C_SYNC_APPLIED: usize = 19;
 
 pub const G_IN_FLIGHT: usize = 0;
 
@@ -48,6 +60,27 @@ pub static SCHEMA: Schema = Schema {
             "chunk_meta_errors",
             "Truncate, delete and stat requests that failed",
         ),
+        MetricDef::new("net_frames_in", "Transport frames received and handled"),
+        MetricDef::new("net_frames_out", "Transport frames queued for sending"),
+        MetricDef::new(
+            "net_bad_frames",
+            "Connections dropped for a malformed, oversized, unauthenticated or corrupt frame",
+        ),
+        MetricDef::new(
+            "net_auth_failures",
+            "Peers that failed or never finished the cluster-key handshake",
+        ),
+        MetricDef::new("repl_client_writes", "Mutations received from clients (at any node)"),
+        MetricDef::new("repl_chain_writes", "Mutations received from a chain predecessor"),
+        MetricDef::new(
+            "repl_duplicates",
+            "Chain mutations already applied here (re-sent after a chain change)",
+        ),
+        MetricDef::new("repl_failed", "Mutations that failed here"),
+        MetricDef::new("repl_proxied", "Requests relayed to the chain head or a replica"),
+        MetricDef::new("sync_chunks_sent", "Whole chunks sent to a syncing replica"),
+        MetricDef::new("sync_bytes_sent", "Bytes sent to syncing replicas"),
+        MetricDef::new("sync_chunks_applied", "Whole chunks received and applied while syncing"),
     ],
     gauges: &[MetricDef::new(
         "chunk_ops_in_flight",
@@ -77,7 +110,7 @@ pub fn classify(op: &ChunkOp) -> (u8, u32) {
         ChunkOp::Write { len, .. } => (OP_WRITE, *len),
         ChunkOp::Truncate { .. } => (OP_TRUNCATE, 0),
         ChunkOp::Delete { .. } => (OP_DELETE, 0),
-        ChunkOp::Stat { .. } => (OP_STAT, 0),
+        ChunkOp::Stat { .. } | ChunkOp::List { .. } => (OP_STAT, 0),
     }
 }
 

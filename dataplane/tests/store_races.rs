@@ -95,6 +95,7 @@ fn req(tag: u64, op: ChunkOp) -> ShardRequest {
         tag,
         op,
         read_check: ReadCheck::OnCore,
+        version: 0,
     }
 }
 fn pump(st: &mut CoreStore, out: &mut Vec<ShardCompletion>) {

@@ -109,6 +109,22 @@ impl ShardIndex {
         self.map.iter().filter(|(_, m)| m.version > 0)
     }
 
+    /// crc32c over a chunk's length and its blocks' crcs up to that length, a hole
+    /// counting as a block of zeros (see `ChunkDigest::crc`).
+    pub fn digest_crc(&self, m: &ChunkMeta) -> u32 {
+        let zero = zero_block_crc();
+        let mut c = crc32c::crc32c(&m.len.to_le_bytes());
+        for b in 0..m.len.div_ceil(BLOCK_SIZE) {
+            let bc = if self.is_present(m.extent, b) {
+                self.crc_of(m.extent, b)
+            } else {
+                zero
+            };
+            c = crc32c::crc32c_append(c, &bc.to_le_bytes());
+        }
+        c
+    }
+
     pub fn is_present(&self, extent: u32, block: u32) -> bool {
         let w = extent as usize * self.words_per_extent + block as usize / 64;
         self.present[w] >> (block % 64) & 1 == 1
@@ -487,6 +503,12 @@ impl ShardIndex {
         }
         Ok(generation)
     }
+}
+
+/// The crc32c of a block of zeros (what a hole reads as).
+pub fn zero_block_crc() -> u32 {
+    static ZERO: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| crc32c::crc32c(&[0u8; BLOCK_SIZE as usize]))
 }
 
 #[cfg(test)]

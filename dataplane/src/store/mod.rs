@@ -78,6 +78,52 @@ pub enum ChunkOp {
     Stat {
         chunk: ChunkId,
     },
+    /// Lists one shard's committed chunks in chunk order, after `after`, as
+    /// `DIGEST_SIZE`-byte `ChunkDigest` entries filling `buf` (resync diffs these).
+    /// The completion's `len` is the number of entries; fewer than fit means the end.
+    List {
+        shard: u32,
+        after: Option<ChunkId>,
+        buf: DmaBuf,
+    },
+}
+
+/// One chunk as `ChunkOp::List` reports it: enough to tell two replicas apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ChunkDigest {
+    pub chunk: ChunkId,
+    pub len: u32,
+    pub version: u64,
+    /// crc32c over the length and every block's crc (a hole counts as a zero block),
+    /// so a hole and a written zero block compare equal.
+    pub crc: u32,
+}
+
+/// Encoded size of a `ChunkDigest`: inode, index, len, version, crc.
+pub const DIGEST_SIZE: usize = 8 + 4 + 4 + 8 + 4;
+
+impl ChunkDigest {
+    pub fn encode(&self, out: &mut [u8]) {
+        out[0..8].copy_from_slice(&self.chunk.inode.to_le_bytes());
+        out[8..12].copy_from_slice(&self.chunk.index.to_le_bytes());
+        out[12..16].copy_from_slice(&self.len.to_le_bytes());
+        out[16..24].copy_from_slice(&self.version.to_le_bytes());
+        out[24..28].copy_from_slice(&self.crc.to_le_bytes());
+    }
+    pub fn decode(b: &[u8]) -> Option<ChunkDigest> {
+        let b = b.get(..DIGEST_SIZE)?;
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        Some(ChunkDigest {
+            chunk: ChunkId {
+                inode: u64_at(0),
+                index: u32_at(8),
+            },
+            len: u32_at(12),
+            version: u64_at(16),
+            crc: u32_at(24),
+        })
+    }
 }
 
 impl ChunkOp {
@@ -88,14 +134,28 @@ impl ChunkOp {
             | ChunkOp::Truncate { chunk, .. }
             | ChunkOp::Delete { chunk }
             | ChunkOp::Stat { chunk } => *chunk,
+            // A listing addresses a shard, not a chunk: its cursor stands in.
+            ChunkOp::List { after, .. } => after.unwrap_or(ChunkId { inode: 0, index: 0 }),
+        }
+    }
+    /// The shard that serves the op.
+    pub fn shard(&self, shard_count: u32) -> u32 {
+        match self {
+            ChunkOp::List { shard, .. } => *shard,
+            op => op.chunk().shard(shard_count),
         }
     }
     pub fn mutates(&self) -> bool {
-        !matches!(self, ChunkOp::Read { .. } | ChunkOp::Stat { .. })
+        !matches!(
+            self,
+            ChunkOp::Read { .. } | ChunkOp::Stat { .. } | ChunkOp::List { .. }
+        )
     }
     pub fn into_buf(self) -> Option<DmaBuf> {
         match self {
-            ChunkOp::Write { buf, .. } | ChunkOp::Read { buf, .. } => Some(buf),
+            ChunkOp::Write { buf, .. } | ChunkOp::Read { buf, .. } | ChunkOp::List { buf, .. } => {
+                Some(buf)
+            }
             _ => None,
         }
     }
@@ -107,6 +167,10 @@ pub struct ShardRequest {
     pub op: ChunkOp,
     /// Where a read's block checksums are verified.
     pub read_check: ReadCheck,
+    /// For a mutation: 0 lets the store number it (the chunk's next version); any other
+    /// value is the version it must commit with, above the chunk's current one
+    /// (replicas apply the chain head's numbering). Such an op runs alone on its chunk.
+    pub version: u64,
 }
 
 /// Where a read's checksums are verified. Verifying costs about as much CPU as the
@@ -389,8 +453,9 @@ impl CoreStore {
         req: ShardRequest,
         out: &mut Vec<ShardCompletion>,
     ) -> Result<(), ShardRequest> {
-        let Some(local) = self.local_shard(&req.op.chunk()) else {
-            let e = Error::BadRequest(format!("chunk {} is not on this core", req.op.chunk()));
+        let id = req.op.shard(self.geometry.shard_count);
+        let Some(local) = self.shards.iter().position(|s| s.id() == id) else {
+            let e = Error::BadRequest(format!("shard {id} is not on this core"));
             out.push(ShardCompletion::refused(req, e));
             return Ok(());
         };

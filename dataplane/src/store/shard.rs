@@ -37,7 +37,10 @@ use super::index::ShardIndex;
 use super::wal::{
     decode_body, BatchBuilder, BatchHeader, Crcs, Record, BATCH_HEADER_SIZE, BATCH_MAX,
 };
-use super::{ChunkId, ChunkInfo, ChunkOp, ReadCheck, ShardCompletion, ShardRequest, ShardStats};
+use super::{
+    ChunkDigest, ChunkId, ChunkInfo, ChunkOp, ReadCheck, ShardCompletion, ShardRequest, ShardStats,
+    DIGEST_SIZE,
+};
 use crate::device::{run_sync, BlockDevice, IoCompletion, IoKind, IoRequest};
 use crate::Error;
 
@@ -103,6 +106,8 @@ struct Slot {
     present: Box<[u64]>,
     info: ChunkInfo,
     version: u64,
+    /// The version a mutation must commit with (0: the next one).
+    want_version: u64,
     new_len: u32,
     read_check: ReadCheck,
     /// Set when a read completes with its verification left to the receiver.
@@ -129,6 +134,7 @@ impl Slot {
             present: vec![0; bpc.div_ceil(64)].into_boxed_slice(),
             info: ChunkInfo { len: 0, version: 0 },
             version: 0,
+            want_version: 0,
             new_len: 0,
             read_check: ReadCheck::OnCore,
             unverified: false,
@@ -515,6 +521,16 @@ impl Shard {
             });
             return Ok(());
         }
+        if let ChunkOp::List { after, mut buf, .. } = req.op {
+            let n = self.list(after, &mut buf);
+            out.push(ShardCompletion {
+                tag: req.tag,
+                result: Ok(ChunkInfo { len: n, version: 0 }),
+                buf: Some(buf),
+                unverified: None,
+            });
+            return Ok(());
+        }
         if req.op.mutates() {
             if let Some(f) = &self.failed {
                 let e = Error::Io { errno: 5 };
@@ -533,6 +549,7 @@ impl Shard {
         s.seq = seq;
         s.tag = req.tag;
         s.read_check = req.read_check;
+        s.want_version = if req.op.mutates() { req.version } else { 0 };
         s.unverified = false;
         s.cow = false;
         s.scratch = None;
@@ -569,7 +586,7 @@ impl Shard {
                 (s.chunk, s.offset, s.len, s.buf) = (chunk, 0, 0, None);
                 (s.first_block, s.nblocks) = (0, 0);
             }
-            ChunkOp::Stat { .. } => unreachable!("answered above"),
+            ChunkOp::Stat { .. } | ChunkOp::List { .. } => unreachable!("answered above"),
         }
         s.stage = Stage::Deferred;
         self.deferred += 1;
@@ -627,7 +644,7 @@ impl Shard {
         if s.kind == Kind::Read {
             return true;
         }
-        let exclusive = s.kind != Kind::Write || self.needs_cow(s);
+        let exclusive = s.kind != Kind::Write || s.want_version != 0 || self.needs_cow(s);
         for (j, o) in self.slots.iter().enumerate() {
             if j == i || o.stage == Stage::Free || o.chunk != s.chunk {
                 continue;
@@ -645,7 +662,7 @@ impl Shard {
                 }
                 continue;
             }
-            let o_exclusive = o.kind != Kind::Write || o.cow;
+            let o_exclusive = o.kind != Kind::Write || o.cow || o.want_version != 0;
             let overlap = s.first_block < o.first_block + o.nblocks
                 && o.first_block < s.first_block + s.nblocks;
             if exclusive || o_exclusive || overlap {
@@ -696,6 +713,20 @@ impl Shard {
     }
 
     fn start(&mut self, dev: &mut dyn BlockDevice, i: usize, out: &mut Vec<ShardCompletion>) {
+        let (want, chunk) = (self.slots[i].want_version, self.slots[i].chunk);
+        if want != 0 {
+            // Runs alone on its chunk (may_start), so the issued version cannot move
+            // until this op's record is in a batch.
+            let issued = self.index.get(&chunk).map_or(0, |m| m.issued_version);
+            if want <= issued {
+                self.leave_deferred(i);
+                let e = Error::BadRequest(format!(
+                    "chunk {chunk}: version {want} is not after the current {issued}"
+                ));
+                self.complete(i, Err(e), out);
+                return;
+            }
+        }
         match self.slots[i].kind {
             Kind::Read => self.start_read(dev, i, out),
             Kind::Write => self.start_write(dev, i, out),
@@ -1163,7 +1194,12 @@ impl Shard {
                 .get(&self.slots[i].chunk)
                 .expect("a mutated chunk has an entry");
             let s = &mut self.slots[i];
-            s.version = m.issued_version + 1;
+            s.version = if s.want_version != 0 {
+                assert!(s.want_version > m.issued_version, "checked at start");
+                s.want_version
+            } else {
+                m.issued_version + 1
+            };
             s.new_len = match s.kind {
                 Kind::Write => m.issued_len.max(s.offset + s.len),
                 Kind::Truncate => s.len,
@@ -1333,6 +1369,34 @@ impl Shard {
                 && o.kind == Kind::Write
                 && !matches!(o.stage, Stage::Free | Stage::Deferred)
         })
+    }
+
+    /// Fills `buf` with digests of committed chunks after `after`, in chunk order;
+    /// returns how many. Sorting the whole index per call is fine for resync, which
+    /// lists each shard once per pass; it is never on the I/O path.
+    fn list(&self, after: Option<ChunkId>, buf: &mut DmaBuf) -> u32 {
+        let cap = buf.capacity() / DIGEST_SIZE;
+        let mut ids: Vec<ChunkId> = self
+            .index
+            .chunks()
+            .map(|(c, _)| *c)
+            .filter(|c| after.is_none_or(|a| *c > a))
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(cap);
+        buf.set_len(ids.len() * DIGEST_SIZE);
+        let out = buf.as_mut_slice();
+        for (k, c) in ids.iter().enumerate() {
+            let m = self.index.get(c).expect("listed from the index");
+            let d = ChunkDigest {
+                chunk: *c,
+                len: m.len,
+                version: m.version,
+                crc: self.index.digest_crc(m),
+            };
+            d.encode(&mut out[k * DIGEST_SIZE..(k + 1) * DIGEST_SIZE]);
+        }
+        ids.len() as u32
     }
 
     fn complete(

@@ -175,6 +175,7 @@ impl Harness {
                 tag,
                 op: cop,
                 read_check: ReadCheck::OnCore,
+                version: 0,
             };
             loop {
                 match self.store.submit(req, &mut self.out) {
@@ -231,6 +232,7 @@ impl Harness {
             tag,
             op,
             read_check: ReadCheck::OnCore,
+            version: 0,
         };
         if self.store.submit(req, &mut self.out).is_err() {
             panic!("read refused");

@@ -253,6 +253,44 @@ fn print_status(v: &Value) {
             }
         );
     }
+    let cl = &v["cluster"];
+    if cl.is_object() {
+        let a = &cl["agent"];
+        let t = &cl["table"];
+        println!(
+            "cluster   node {}, leader {}{}, table v{} ({} chains, R={}), targets {}, peers {}{}",
+            a["node_id"],
+            a["leader"],
+            if a["is_leader"].as_bool() == Some(true) {
+                " (this node)"
+            } else {
+                ""
+            },
+            t["version"],
+            t["chains"],
+            t["replication"],
+            t["target_states"],
+            cl["replica"]["peers_connected"],
+            if a["fenced"].as_bool() == Some(true) {
+                "  FENCED: membership lease not confirmed, refusing client requests"
+            } else {
+                ""
+            }
+        );
+        for j in cl["replica"]["syncs"].as_array().into_iter().flatten() {
+            println!(
+                "resync    chain {} -> node {}: round {}, {}, {} chunk(s) left, {} sent ({:.1} MiB){}",
+                j["chain"],
+                j["target"],
+                j["round"],
+                j["phase"].as_str().unwrap_or("?"),
+                j["chunks_to_send"],
+                j["chunks_sent"],
+                j["bytes_sent"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+                if j["done"].as_bool() == Some(true) { ", done" } else { "" }
+            );
+        }
+    }
     for c in e["cores"].as_array().into_iter().flatten() {
         let failures = c["failures"].as_array().map(|f| f.len()).unwrap_or(0);
         println!(

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use spool_controlplane::admin::{AdminServer, AdminTarget};
+use spool_controlplane::cluster::agent::Agent;
 use spool_controlplane::config::{Config, DeviceBackend, HugepagePolicy};
 use spool_controlplane::logging::{self, LogHandle};
 use spool_controlplane::{metrics, shutdown};
@@ -17,6 +18,8 @@ use spool_dataplane::device::uring::{UringDevice, UringOptions};
 use spool_dataplane::device::BlockDevice;
 use spool_dataplane::engine::{Engine, EngineOptions};
 use spool_dataplane::metrics::SCHEMA;
+use spool_dataplane::net::ClusterKey;
+use spool_dataplane::replica::{Replica, ReplicaOptions, TargetState};
 use spool_dataplane::store::{self, FormatOptions, Superblock};
 use spool_dataplane::Error as DpError;
 use spool_fuse_shim::io::ChunkIo;
@@ -81,6 +84,9 @@ struct Node {
     /// The namespace, loaded at the first mount (recovery runs then).
     ns: Mutex<Option<Arc<Namespace>>>,
     mount: Mutex<Option<Mounted>>,
+    /// Cluster mode: the replication service and the membership agent.
+    replica: Option<Arc<Replica>>,
+    agent: std::sync::OnceLock<Agent>,
 }
 
 impl Node {
@@ -102,6 +108,15 @@ impl Node {
     }
 
     fn do_mount(&self, path: &Path) -> Result<PathBuf> {
+        if self.replica.is_some() {
+            // The namespace is still node-local: mounting it next to replicated
+            // chunks would mix two owners of one inode space.
+            bail!(
+                "the FUSE mount does not run in cluster mode yet (the cluster-wide \
+                 namespace is not built); remove [cluster] to mount a single node, or \
+                 write through the transport (spool bench cluster)"
+            );
+        }
         let mut m = self.mount.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cur) = m.as_ref() {
             bail!("already mounted at {}", cur.mountpoint().display());
@@ -135,6 +150,49 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Membership, chains and resyncs as `spool status` shows them.
+    fn cluster_status(&self) -> Value {
+        let Some(r) = &self.replica else {
+            return Value::Null;
+        };
+        let t = r.table();
+        let me = self.config.cluster.as_ref().map_or(0, |c| c.node_id);
+        let mut states = std::collections::BTreeMap::<String, usize>::new();
+        let mut mine = Vec::new();
+        let mut members = std::collections::BTreeSet::new();
+        for c in &t.chains {
+            for x in &c.targets {
+                *states
+                    .entry(format!("{:?}", x.state).to_lowercase())
+                    .or_default() += 1;
+                members.insert(x.node);
+            }
+            if let Some(st) = c.state_of(me) {
+                if st != TargetState::Serving || c.head() == Some(me) {
+                    mine.push(json!({"chain": c.id, "version": c.version, "state": st,
+                        "head": c.head() == Some(me), "targets": c.targets}));
+                }
+            }
+        }
+        json!({
+            "agent": self.agent.get().map(Agent::status),
+            "replica": r.status(),
+            "table": {
+                "version": t.version,
+                "replication": t.replication,
+                "chains": t.chains.len(),
+                "nodes": t.nodes,
+                "target_states": states,
+                // Nodes holding at least one target.
+                "members": members,
+                // Chains this node heads or is not serving in (the interesting ones).
+                "my_chains": mine,
+            },
+        })
+    }
+}
+
 impl AdminTarget for Node {
     fn status(&self) -> Value {
         let ns = self.ns.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -156,6 +214,7 @@ impl AdminTarget for Node {
             "log_level": self.log.level(),
             "engine": self.engine.status(),
             "mount": mount,
+            "cluster": self.cluster_status(),
         })
     }
     fn perf_dump(&self) -> Value {
@@ -314,6 +373,26 @@ pub fn serve(config_path: &Path) -> Result<()> {
         cores = dp.cores,
         "dataplane running"
     );
+    let replica = match &cfg.cluster {
+        Some(c) => {
+            let secret = std::fs::read(&c.key_file)
+                .with_context(|| format!("cluster.key_file {}", c.key_file.display()))?;
+            let key = ClusterKey::from_secret(secret.trim_ascii()).with_context(|| {
+                format!(
+                    "cluster.key_file {}: the key must be at least {} bytes",
+                    c.key_file.display(),
+                    spool_dataplane::net::auth::KEY_BYTES_MIN
+                )
+            })?;
+            let r = Replica::start(
+                Arc::clone(&engine),
+                ReplicaOptions::new(c.node_id, c.listen, key),
+            )?;
+            tracing::info!(node_id = c.node_id, listen = %c.listen, "transport listening");
+            Some(Arc::new(r))
+        }
+        None => None,
+    };
     let node = Arc::new(Node {
         config: cfg.clone(),
         engine: Arc::clone(&engine),
@@ -321,6 +400,8 @@ pub fn serve(config_path: &Path) -> Result<()> {
         started: Instant::now(),
         ns: Mutex::new(None),
         mount: Mutex::new(None),
+        replica,
+        agent: std::sync::OnceLock::new(),
     });
     if let Some(mp) = &cfg.mount.mountpoint {
         node.do_mount(mp)?;
@@ -332,6 +413,10 @@ pub fn serve(config_path: &Path) -> Result<()> {
         .build()
         .context("starting the control runtime")?;
     rt.block_on(async {
+        if let (Some(c), Some(r)) = (&cfg.cluster, &node.replica) {
+            let agent = Agent::start(c, Arc::clone(r))?;
+            let _ = node.agent.set(agent);
+        }
         let (stop_tx, stop_rx) = shutdown::channel();
         let admin = AdminServer::bind(&cfg.admin.socket, node.clone() as Arc<dyn AdminTarget>).await?;
         let admin_task = tokio::spawn(admin.run(stop_rx.clone()));
@@ -358,6 +443,10 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 Err(e) => tracing::error!(error = %e, "unmount task"),
             }
         }
+        if let Some(a) = node.agent.get() {
+            // Leave at once so the leader moves our chains now, not after the lease.
+            a.leave().await;
+        }
         stop_tx.send_replace(true);
         if let Err(e) = admin_task.await {
             tracing::warn!(error = %e, "admin server task");
@@ -371,7 +460,11 @@ pub fn serve(config_path: &Path) -> Result<()> {
     })?;
     // The namespace holds engine clients; drop it before stopping the engine.
     node.ns.lock().unwrap_or_else(|p| p.into_inner()).take();
-    drop(node);
+    drop(rt);
+    let replica = Arc::into_inner(node).and_then(|n| n.replica);
+    if let Some(r) = replica.and_then(Arc::into_inner) {
+        r.shutdown();
+    }
     match Arc::try_unwrap(engine) {
         Ok(e) => e.shutdown(),
         Err(_) => tracing::warn!("engine still referenced at exit; dropping"),

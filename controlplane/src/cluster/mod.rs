@@ -1,0 +1,3 @@
+//! Cluster membership and the chain table.
+pub mod agent;
+pub mod etcd;

@@ -1,0 +1,398 @@
+//! Chain replication in one process: nodes are engines on mem devices with their
+//! transport on loopback; tables are installed by hand (the control plane's job).
+//! Multi-process, multi-namespace tests with etcd and a nemesis live in controlplane.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use spool_dataplane::device::mem::MemDevice;
+use spool_dataplane::device::BlockDevice;
+use spool_dataplane::engine::{Engine, EngineOptions};
+use spool_dataplane::metrics::SCHEMA;
+use spool_dataplane::net::client::Client;
+use spool_dataplane::net::frame::{Msg, MutKind, HEADER_SIZE};
+use spool_dataplane::net::{ClusterKey, Status};
+use spool_dataplane::replica::chain::{initial_table, next_table, Health, NodeInfo};
+use spool_dataplane::replica::{ChainTable, Replica, ReplicaOptions, TargetState};
+use spool_dataplane::store::{self, ChunkId, FormatOptions};
+use spool_hugepages::{DmaPool, PagePolicy};
+use spool_perf::Perf;
+
+const CHUNK: u32 = 256 << 10;
+const IO: usize = 64 << 10;
+
+fn key() -> ClusterKey {
+    ClusterKey::from_secret(b"test cluster key, not secret").unwrap()
+}
+
+struct Node {
+    id: u32,
+    replica: Option<Replica>,
+    engine: Option<Arc<Engine>>,
+    addr: SocketAddr,
+}
+
+fn start_node(id: u32, addr: Option<SocketAddr>) -> Node {
+    let mut dev = MemDevice::new(64 << 20, 64);
+    let sb = store::format(
+        &mut dev,
+        &FormatOptions {
+            chunk_size: CHUNK,
+            shards: 2,
+            wal_size: 0,
+            force: false,
+        },
+    )
+    .unwrap();
+    let pool = DmaPool::new("data", IO, 64, PagePolicy::Normal).unwrap();
+    let opts = EngineOptions {
+        cores: 1,
+        cpus: None,
+        pin: false,
+        idle_spin_us: 20,
+        idle_park_max_us: 500,
+        ring_capacity: 256,
+    };
+    let devices: Vec<Box<dyn BlockDevice>> = vec![Box::new(dev)];
+    let engine = Arc::new(Engine::start(&opts, devices, sb, pool, Perf::new(&SCHEMA, 1)).unwrap());
+    let listen = addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+    let mut ro = ReplicaOptions::new(id, listen, key());
+    ro.ops_max = 128;
+    let replica = Replica::start(Arc::clone(&engine), ro).unwrap();
+    let addr = replica.local_addr();
+    Node {
+        id,
+        replica: Some(replica),
+        engine: Some(engine),
+        addr,
+    }
+}
+
+fn install(nodes: &[Node], t: &ChainTable) {
+    for n in nodes {
+        if let Some(r) = &n.replica {
+            r.set_table(Arc::new(t.clone()));
+        }
+    }
+}
+
+fn infos(nodes: &[Node]) -> BTreeMap<u32, NodeInfo> {
+    nodes
+        .iter()
+        .map(|n| {
+            (
+                n.id,
+                NodeInfo {
+                    addr: n.addr.to_string(),
+                    incarnation: 0,
+                },
+            )
+        })
+        .collect()
+}
+
+fn client(n: &Node) -> Client {
+    Client::connect(n.addr, &key(), Duration::from_secs(5)).unwrap()
+}
+
+fn pattern(chunk: ChunkId, seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (chunk.inode as u8) ^ (chunk.index as u8).wrapping_mul(3) ^ seed ^ (i / 4096) as u8
+        })
+        .collect()
+}
+
+/// Writes until a node accepts (retrying what certainly did not happen).
+fn write_retry(c: &mut Client, chunk: ChunkId, off: u32, data: &[u8]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = c.write(chunk, off, data).unwrap();
+        if r.status == Status::Ok {
+            return r.version;
+        }
+        assert!(r.status.not_done(), "write failed: {:?}", r.status);
+        assert!(
+            Instant::now() < deadline,
+            "write kept failing: {:?}",
+            r.status
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A node's own copy of `len` bytes, read in buffer-sized pieces.
+fn read_local(n: &Node, chunk: ChunkId, len: u32) -> (Status, u64, Vec<u8>) {
+    let mut c = client(n);
+    let mut data = Vec::new();
+    let mut version = None;
+    for off in (0..len).step_by(IO) {
+        let r = c
+            .read(chunk, off, IO.min((len - off) as usize) as u32, true)
+            .unwrap();
+        if r.status != Status::Ok {
+            return (r.status, r.version, data);
+        }
+        assert!(
+            version.is_none_or(|v| v == r.version),
+            "chunk changed while read"
+        );
+        version = Some(r.version);
+        data.extend_from_slice(&r.data);
+    }
+    (Status::Ok, version.unwrap_or(0), data)
+}
+
+#[test]
+fn writes_reach_every_replica_and_read_anywhere() {
+    let nodes: Vec<Node> = (1..=3).map(|i| start_node(i, None)).collect();
+    let t = initial_table(&infos(&nodes), 3, 64);
+    install(&nodes, &t);
+    let mut c = client(&nodes[0]);
+    let chunks: Vec<ChunkId> = (0..12)
+        .map(|i| ChunkId {
+            inode: 100 + i / 3,
+            index: i as u32 % 3,
+        })
+        .collect();
+    for (k, &ch) in chunks.iter().enumerate() {
+        let v = write_retry(&mut c, ch, 0, &pattern(ch, k as u8, IO));
+        assert_eq!(v, 1);
+        let v = write_retry(&mut c, ch, IO as u32, &pattern(ch, 99, IO));
+        assert_eq!(v, 2);
+    }
+    // Every replica holds every acknowledged write, with the same version.
+    for &ch in &chunks {
+        for n in &nodes {
+            let (st, v, data) = read_local(n, ch, 2 * IO as u32);
+            assert_eq!((st, v), (Status::Ok, 2), "node {} chunk {ch}", n.id);
+            assert_eq!(
+                &data[..IO],
+                &pattern(ch, chunks.iter().position(|x| *x == ch).unwrap() as u8, IO)[..]
+            );
+            assert_eq!(&data[IO..], &pattern(ch, 99, IO)[..]);
+        }
+        // Routed reads from a node work too.
+        let r = client(&nodes[2])
+            .read(ch, IO as u32, IO as u32, false)
+            .unwrap();
+        assert_eq!((r.status, r.data), (Status::Ok, pattern(ch, 99, IO)));
+    }
+    // Truncate and delete replicate.
+    let ch = chunks[0];
+    let r = c
+        .call(&Msg::Mutate {
+            chain_ver: 0,
+            chunk: ch,
+            kind: MutKind::Truncate,
+            offset: 4096,
+            version: 0,
+            data: &[],
+        })
+        .unwrap();
+    assert_eq!((r.status, r.version), (Status::Ok, 3));
+    let r = c
+        .call(&Msg::Mutate {
+            chain_ver: 0,
+            chunk: chunks[1],
+            kind: MutKind::Delete,
+            offset: 0,
+            version: 0,
+            data: &[],
+        })
+        .unwrap();
+    assert_eq!(r.status, Status::Ok);
+    for n in &nodes {
+        let (_, v, data) = read_local(n, ch, 2 * IO as u32);
+        assert_eq!(v, 3);
+        assert!(data[4096..].iter().all(|&b| b == 0));
+        let (_, v, _) = read_local(n, chunks[1], 4096);
+        assert_eq!(v, 0, "deleted on node {}", n.id);
+    }
+}
+
+#[test]
+fn stale_chain_versions_and_bad_requests_are_refused() {
+    let nodes: Vec<Node> = (1..=2).map(|i| start_node(i, None)).collect();
+    let t = initial_table(&infos(&nodes), 2, 64);
+    install(&nodes, &t);
+    let ch = ChunkId { inode: 5, index: 0 };
+    let chain = t.chain(t.chain_of(&ch)).unwrap();
+    let head = nodes.iter().find(|n| Some(n.id) == chain.head()).unwrap();
+    let mut c = client(head);
+    let r = c
+        .call(&Msg::Mutate {
+            chain_ver: chain.version + 7,
+            chunk: ch,
+            kind: MutKind::Write,
+            offset: 0,
+            version: 0,
+            data: b"x",
+        })
+        .unwrap();
+    assert_eq!((r.status, r.version), (Status::StaleChain, chain.version));
+    // Misaligned offset, beyond the chunk, oversized read.
+    let r = c.write(ch, 100, b"x").unwrap();
+    assert_eq!(r.status, Status::BadRequest);
+    let r = c.write(ch, CHUNK, b"x").unwrap();
+    assert_eq!(r.status, Status::BadRequest);
+    let r = c.read(ch, 0, CHUNK, false).unwrap();
+    assert_eq!(r.status, Status::BadRequest);
+    assert_eq!(c.write(ch, 0, b"ok").unwrap().status, Status::Ok);
+}
+
+#[test]
+fn unauthenticated_and_garbage_connections_are_dropped_and_counted() {
+    let nodes = vec![start_node(1, None)];
+    install(&nodes, &initial_table(&infos(&nodes), 1, 8));
+    // Wrong key.
+    let bad = ClusterKey::from_secret(b"some other cluster's key").unwrap();
+    assert!(Client::connect(nodes[0].addr, &bad, Duration::from_secs(2)).is_err());
+    // A request before the handshake.
+    let mut s = std::net::TcpStream::connect(nodes[0].addr).unwrap();
+    let mut frame = Vec::new();
+    Msg::Read {
+        chunk: ChunkId { inode: 1, index: 0 },
+        offset: 0,
+        len: 4096,
+        local: true,
+    }
+    .encode(1, &mut frame);
+    use std::io::{Read, Write};
+    s.write_all(&frame).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 64];
+    assert_eq!(s.read(&mut b).unwrap_or(0), 0, "closed without an answer");
+    // Garbage after a good handshake.
+    let mut c = client(&nodes[0]);
+    c.send_raw(&[0xAB; HEADER_SIZE * 2]).unwrap();
+    assert!(c.recv().is_err());
+    // An oversized frame (header claims 1 GiB).
+    let mut c = client(&nodes[0]);
+    let mut f = Vec::new();
+    Msg::Read {
+        chunk: ChunkId { inode: 1, index: 0 },
+        offset: 0,
+        len: 4096,
+        local: true,
+    }
+    .encode(1, &mut f);
+    f[16..20].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    let crc = crc32c::crc32c(&f[0..24]);
+    f[24..28].copy_from_slice(&crc.to_le_bytes());
+    c.send_raw(&f[..HEADER_SIZE]).unwrap();
+    assert!(c.recv().is_err());
+    // The node still serves.
+    let mut c = client(&nodes[0]);
+    assert_eq!(
+        c.write(ChunkId { inode: 1, index: 0 }, 0, b"fine")
+            .unwrap()
+            .status,
+        Status::Ok
+    );
+    let snap = nodes[0].engine.as_ref().unwrap().perf().snapshot();
+    assert!(snap.counters["net_bad_frames"] >= 3, "{:?}", snap.counters);
+    assert!(
+        snap.counters["net_auth_failures"] >= 2,
+        "{:?}",
+        snap.counters
+    );
+}
+
+/// A node dies; the table drops it; writes go on; it returns empty-handed... no: it
+/// returns with its old data, resyncs as tail, and ends byte-identical.
+#[test]
+fn failed_node_is_bypassed_then_resyncs() {
+    let mut nodes: Vec<Node> = (1..=3).map(|i| start_node(i, None)).collect();
+    let t0 = initial_table(&infos(&nodes), 3, 64);
+    install(&nodes, &t0);
+    let mut c = client(&nodes[0]);
+    let chunks: Vec<ChunkId> = (0..16).map(|i| ChunkId { inode: 7, index: i }).collect();
+    for &ch in &chunks {
+        write_retry(&mut c, ch, 0, &pattern(ch, 1, IO));
+    }
+    // Node 3 stops (its replica service: it can no longer take part).
+    let dead = nodes[2].replica.take().unwrap();
+    let addr3 = nodes[2].addr;
+    dead.shutdown();
+    let alive: BTreeMap<u32, NodeInfo> =
+        infos(&nodes).into_iter().filter(|(k, _)| *k != 3).collect();
+    let t1 = next_table(
+        &t0,
+        &Health {
+            alive: alive.clone(),
+            ..Health::default()
+        },
+    )
+    .unwrap();
+    install(&nodes, &t1);
+    for &ch in &chunks {
+        write_retry(&mut c, ch, IO as u32, &pattern(ch, 2, IO));
+    }
+    // It comes back (same store, same address) and enters as syncing tail.
+    nodes[2].replica = {
+        let mut ro = ReplicaOptions::new(3, addr3, key());
+        ro.ops_max = 128;
+        Some(Replica::start(Arc::clone(nodes[2].engine.as_ref().unwrap()), ro).unwrap())
+    };
+    let t2 = next_table(
+        &t1,
+        &Health {
+            alive: infos(&nodes),
+            ..Health::default()
+        },
+    )
+    .unwrap();
+    install(&nodes, &t2);
+    // Writes keep flowing during the resync.
+    for &ch in &chunks[..4] {
+        write_retry(&mut c, ch, 2 * IO as u32, &pattern(ch, 3, IO));
+    }
+    // Collect sync reports until every syncing chain is done.
+    let mut synced = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let want: Vec<(u32, u32, u64)> = t2
+        .chains
+        .iter()
+        .filter(|c| c.state_of(3) == Some(TargetState::Syncing))
+        .map(|c| (c.id, 3, c.version))
+        .collect();
+    while !want.iter().all(|w| synced.contains(w)) {
+        for n in &nodes {
+            synced.extend(n.replica.as_ref().unwrap().take_synced());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resync did not finish: {synced:?} of {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t3 = next_table(
+        &t2,
+        &Health {
+            alive: infos(&nodes),
+            synced,
+            ..Health::default()
+        },
+    )
+    .unwrap();
+    assert!(t3
+        .chains
+        .iter()
+        .all(|c| c.targets.iter().all(|t| t.state == TargetState::Serving)));
+    install(&nodes, &t3);
+    // Byte-identical replicas with matching versions.
+    for &ch in &chunks {
+        let views: Vec<_> = nodes
+            .iter()
+            .map(|n| read_local(n, ch, 3 * IO as u32))
+            .collect();
+        for v in &views[1..] {
+            assert_eq!((v.0, v.1), (views[0].0, views[0].1), "chunk {ch}");
+            assert!(v.2 == views[0].2, "chunk {ch} differs between replicas");
+        }
+        assert_eq!(&views[0].2[IO..2 * IO], &pattern(ch, 2, IO)[..]);
+    }
+}
