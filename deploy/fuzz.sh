@@ -11,6 +11,8 @@
 #   deploy/fuzz.sh --list                    list the targets
 #
 # Targets: superblock, wal_batch, snapshot (spool_dataplane::store::fuzzing::fuzz_TARGET,
+# replayed by dataplane/tests/fuzz_corpus.rs), net_frame
+# (spool_dataplane::net::fuzzing::fuzz_net_frame, the transport's frame decoder, also
 # replayed by dataplane/tests/fuzz_corpus.rs) and admin_request
 # (spool_controlplane::admin::fuzz_parse_request, replayed by
 # controlplane/tests/admin_request_corpus.rs): `cargo test` runs the same checks on
@@ -36,7 +38,7 @@
 # dataplane/fuzz/regressions/TARGET/ so `cargo test --test fuzz_corpus` replays it.
 set -euo pipefail
 
-TARGETS=(superblock wal_batch snapshot admin_request)
+TARGETS=(superblock wal_batch snapshot net_frame admin_request)
 CARGO_FUZZ_VERSION=0.13.2
 
 script="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"

@@ -169,10 +169,36 @@ fn assert_reachability(net: &Net, what: &str, expect: impl Fn(Ep, Ep) -> bool) {
         .collect();
     assert!(
         wrong.is_empty(),
-        "{what}: unexpected reachability on slot {}:\n{}",
+        "{what}: unexpected reachability on slot {}:\n{}\n{}",
         net.slot(),
-        wrong.join("\n")
+        wrong.join("\n"),
+        net_state(net)
     );
+}
+
+/// Neighbour tables, bridge FDB and nemesis rules, for failure messages.
+fn net_state(net: &Net) -> String {
+    let show = |mut c: Command| {
+        c.output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| e.to_string())
+    };
+    let mut s = String::new();
+    let mut c = Command::new("ip");
+    c.args(["neigh", "show", "dev", net.bridge_name()]);
+    s += &format!("host neighbours:\n{}", show(c));
+    let mut c = Command::new("bridge");
+    c.args(["fdb", "show", "br", net.bridge_name()]);
+    s += &format!("bridge fdb:\n{}", show(c));
+    for i in 0..net.nodes() {
+        let mut c = net.command(i, "ip");
+        c.args(["neigh", "show"]);
+        s += &format!("node {i} neighbours:\n{}", show(c));
+        let mut c = net.command(i, "nft");
+        c.args(["list", "ruleset"]);
+        s += &format!("node {i} nft:\n{}", show(c));
+    }
+    s
 }
 
 fn involves(from: Ep, to: Ep, node: usize) -> bool {
@@ -434,27 +460,48 @@ fn throttle_limits_egress_and_heal_removes_it() {
     );
 }
 
+/// The identity of a link (ifindex) or namespace (nsfs inode): a slot freed by a drop
+/// may be taken again at once by a test running in parallel, under the same names.
+fn link_id(name: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn ns_id(name: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/run/netns/{name}"))
+        .ok()
+        .map(|m| m.ino())
+}
+
 #[test]
 fn drop_removes_namespaces_veths_and_bridge() {
     let net = Net::new(2);
-    let k = net.slot();
     let bridge = net.bridge_name().to_string();
     let ns: Vec<String> = (0..2).map(|i| net.ns_name(i).to_string()).collect();
     let veths: Vec<String> = (0..2).map(|i| net.veth_name(i).to_string()).collect();
-    assert!(link_exists(&bridge));
-    for (n, v) in ns.iter().zip(&veths) {
-        assert!(ns_exists(n), "{n} missing while the Net is alive");
-        assert!(link_exists(v), "{v} missing while the Net is alive");
+    let bridge_id = link_id(&bridge).expect("bridge exists");
+    let ns_ids: Vec<u64> = ns.iter().map(|n| ns_id(n).expect("ns exists")).collect();
+    let veth_ids: Vec<u64> = veths.iter().map(|v| link_id(v).expect("veth")).collect();
+    for n in &ns {
+        assert!(ns_exists(n), "{n} not listed while the Net is alive");
     }
-    assert!(netns::pid_file(k).exists());
+    assert!(netns::pid_file(net.slot()).exists());
     drop(net);
     let list = ip_netns_list();
-    for (n, v) in ns.iter().zip(&veths) {
-        assert!(!ns_exists(n), "{n} still listed after drop:\n{list}");
-        assert!(!link_exists(v), "{v} still exists after drop");
+    for (n, id) in ns.iter().zip(&ns_ids) {
+        assert_ne!(ns_id(n), Some(*id), "{n} still there after drop:\n{list}");
     }
-    assert!(!link_exists(&bridge), "{bridge} still exists after drop");
-    assert!(!netns::pid_file(k).exists(), "pid file of slot {k} left");
+    for (v, id) in veths.iter().zip(&veth_ids) {
+        assert_ne!(link_id(v), Some(*id), "{v} still exists after drop");
+    }
+    assert_ne!(
+        link_id(&bridge),
+        Some(bridge_id),
+        "{bridge} still exists after drop"
+    );
+    // (The pid file is checked by the stale test: a new owner may have rewritten it.)
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The fuzz targets of `dataplane/fuzz/` as ordinary tests: every checked-in corpus
 //! input goes through the same function the target calls
-//! (`spool_dataplane::store::fuzzing`), then a few thousand seeded mutations of them.
+//! (`spool_dataplane::store::fuzzing`, `spool_dataplane::net::fuzzing` for `net_frame`),
+//! then a few thousand seeded mutations of them.
 //! The corpus of each target must exist and not be empty.
 //!
 //! Inputs that once crashed a target live in `dataplane/fuzz/regressions/<target>/`
@@ -28,6 +29,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use spool_dataplane::device::mem::{CrashMode, MemDevice};
+use spool_dataplane::net::fuzzing::{fuzz_net_frame, seed_inputs as net_frame_seeds};
 use spool_dataplane::store::format::{Geometry, Superblock, FORMAT_VERSION, SUPERBLOCK_SIZE};
 use spool_dataplane::store::fuzzing::{
     fix_snapshot_crcs, fix_superblock_crc, fix_wal_crcs, fuzz_snapshot, fuzz_superblock,
@@ -43,10 +45,11 @@ use store_harness::{formatted_image, geometry_opts, Harness, Op};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 3] = [
+const TARGETS: [(&str, Target); 4] = [
     ("superblock", fuzz_superblock),
     ("wal_batch", fuzz_wal_batch),
     ("snapshot", fuzz_snapshot),
+    ("net_frame", fuzz_net_frame),
 ];
 
 /// Random inputs per target in the randomized run.
@@ -227,6 +230,18 @@ fn snapshot_corpus() {
     });
 }
 
+#[test]
+fn net_frame_corpus() {
+    isolated("net_frame_corpus", || {
+        replay(
+            "net_frame_corpus",
+            "net_frame",
+            fuzz_net_frame,
+            &corpus("net_frame"),
+        )
+    });
+}
+
 /// Inputs that crashed a target once. Each subdirectory is named after its target;
 /// each input runs in its own child process, so every one that still fails is named.
 #[test]
@@ -403,11 +418,19 @@ fn snapshot_random() {
     });
 }
 
+#[test]
+fn net_frame_random() {
+    isolated("net_frame_random", || {
+        random_run("net_frame_random", "net_frame", 0x4e7f)
+    });
+}
+
 // ---- the seed corpus ----------------------------------------------------------------
 
 /// Writes the seed corpus: valid encodings (some taken from a real store's device) and
-/// damaged variants of them. Only with SPOOL_WRITE_SEEDS=1, so a plain `--ignored` run
-/// does not rewrite checked-in files.
+/// damaged variants of them (the transport frames' come from
+/// `spool_dataplane::net::fuzzing::seed_inputs`). Only with SPOOL_WRITE_SEEDS=1, so a
+/// plain `--ignored` run does not rewrite checked-in files.
 #[test]
 #[ignore]
 fn write_seed_corpus() {
@@ -419,6 +442,7 @@ fn write_seed_corpus() {
     write_target("superblock", superblock_seeds(&real));
     write_target("wal_batch", wal_seeds(&real));
     write_target("snapshot", snapshot_seeds(&real));
+    write_target("net_frame", net_frame_seeds());
     write_regressions(&real);
 }
 

@@ -528,3 +528,44 @@ fn mount_section_defaults_and_validation() {
     );
     assert_has(&device("[mount]\nthread = 4\n"), &["thread"]);
 }
+
+const CLUSTER: &str = "[cluster]\nnode_id = 1\nlisten = \"10.0.0.1:7420\"\netcd = [\"http://10.0.0.100:2379\"]\nkey_file = \"/etc/spool/cluster.key\"\n";
+
+#[test]
+fn cluster_section_is_optional_and_checked_by_key() {
+    assert!(with("").unwrap().cluster.is_none());
+    let c = with(CLUSTER).unwrap().cluster.unwrap();
+    assert_eq!(
+        (c.replication, c.lease_ttl_s, c.name.as_str()),
+        (2, 3, "spool")
+    );
+    assert_has(
+        &device(&CLUSTER.replace("node_id = 1", "node_id = 0")),
+        &["cluster.node_id = 0", "between 1 and 1000000"],
+    );
+    assert_has(
+        &device(&format!("{CLUSTER}replication = 4\n")),
+        &["cluster.replication = 4", "between 1 and 3"],
+    );
+    assert_has(
+        &device(&CLUSTER.replace("10.0.0.1:7420", "0.0.0.0:7420")),
+        &["cluster.listen", "not 0.0.0.0"],
+    );
+    assert_has(
+        &device(&CLUSTER.replace("http://10.0.0.100:2379", "10.0.0.100")),
+        &["cluster.etcd", "http://host:port"],
+    );
+    assert_has(
+        &device(&CLUSTER.replace("etcd = [\"http://10.0.0.100:2379\"]", "etcd = []")),
+        &["cluster.etcd = []"],
+    );
+    assert_has(
+        &device(&format!("{CLUSTER}lease_ttl_s = 0\n")),
+        &["cluster.lease_ttl_s = 0"],
+    );
+    assert_has(&device(&format!("{CLUSTER}colour = 1\n")), &["colour"]);
+    assert_has(
+        &device(&format!("{CLUSTER}[mount]\nmountpoint = \"/mnt/spool\"\n")),
+        &["mount.mountpoint", "[cluster]"],
+    );
+}

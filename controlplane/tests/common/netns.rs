@@ -20,17 +20,19 @@
 //! `/run/spool-netns/lock`, so a cleanup never races with a half-allocated or
 //! half-removed slot of another process.
 //!
-//! Needs root, iproute2 (`ip`, `tc`) and nftables (`nft`). Test support: failures panic
-//! with the command, its stderr and a hint; `Drop` never panics.
+//! Needs root, iproute2 (`ip`, `tc`), nftables (`nft`) and util-linux (`flock`). Plain
+//! std and no `unsafe` (the `spool` binary includes this file too and forbids unsafe).
+//! Test support: failures panic with the command, its stderr and a hint; `Drop` never
+//! panics.
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Number of slots (bridges / subnets) that can exist at the same time.
@@ -44,7 +46,8 @@ const HINT: &str = "the netns harness needs root, iproute2 (ip, tc) and nftables
 leftovers of killed runs are removed by netns::cleanup_stale() (inspect with \
 `ip netns list` and `ip -br link show type bridge`)";
 
-/// A bridge plus `nodes` network namespaces attached to it. Dropping it removes them.
+/// A bridge plus `nodes` network namespaces attached to it. Dropping it removes them;
+/// kill the processes started in them (and host processes bound to `host_ip`) first.
 #[derive(Debug)]
 pub struct Net {
     slot: usize,
@@ -113,8 +116,9 @@ impl Net {
         self.wait_forwarding(0..self.nodes());
     }
 
-    /// Waits until the bridge is up and the ports of `nodes` are forwarding (immediate
-    /// with STP off, but carrier propagation is asynchronous).
+    /// Waits until the bridge is up, the ports of `nodes` are forwarding and their eth0
+    /// is operationally up (immediate with STP off, but carrier and operstate changes
+    /// go through the kernel's asynchronous linkwatch).
     fn wait_forwarding(&self, nodes: impl Iterator<Item = usize> + Clone) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -124,7 +128,10 @@ impl Net {
                 let v = &self.veth[i];
                 // 3 = BR_STATE_FORWARDING
                 read_trim(format!("/sys/class/net/{v}/brport/state")).is_some_and(|s| s == "3")
-                    && read_trim(format!("/sys/class/net/{v}/carrier")).is_some_and(|s| s == "1")
+                    && read_trim(format!("/sys/class/net/{v}/operstate")).is_some_and(|s| s == "up")
+                    && ip(["-n", &self.ns[i], "-o", "link", "show", "dev", "eth0"])
+                        .output()
+                        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(" state UP "))
             });
             if br_up && ports {
                 return;
@@ -196,6 +203,9 @@ impl Net {
 
     /// Drops all packets between nodes a and b, both directions: in each node's
     /// namespace, packets to the other are dropped on output and from the other on input.
+    /// What the sender sees: a TCP connect hangs (the SYN is retransmitted until the
+    /// connect times out), while a UDP `send` fails at once with EPERM (an output drop is
+    /// reported to local senders). ARP is not filtered.
     pub fn partition(&self, a: usize, b: usize) {
         assert_ne!(
             a, b,
@@ -247,11 +257,34 @@ impl Net {
         run(ip(["link", "set", self.veth_name(i), "down"]));
     }
 
-    /// Plugs node i's cable back in (and waits until its bridge port forwards again).
+    /// Plugs node i's cable back in, waits until its port forwards again and forgets
+    /// the ARP state about node i (see `flush_neighbours`).
     pub fn link_up(&self, i: usize) {
         run(ip(["link", "set", self.veth_name(i), "up"]));
         run(ip(["-n", self.ns_name(i), "link", "set", "eth0", "up"]));
         self.wait_forwarding(i..i + 1);
+        self.flush_neighbours(i);
+    }
+
+    /// Forgets ARP entries involving node i: all of node i's, and the host's and other
+    /// nodes' entries for node i. Needed after a link-down: entries left INCOMPLETE
+    /// (their probes were lost while the link was down) turn FAILED up to a few seconds
+    /// later, and that drops the packets queued on them with an ICMP host-unreachable,
+    /// which aborts a fresh TCP connect with EHOSTUNREACH although the link is back.
+    fn flush_neighbours(&self, i: usize) {
+        let node_ip = self.node_ip(i).to_string();
+        run(ip(["-n", self.ns_name(i), "neigh", "flush", "dev", "eth0"]));
+        run(ip(["neigh", "flush", "dev", &self.bridge, "to", &node_ip]));
+        for j in (0..self.nodes()).filter(|&j| j != i) {
+            run(ip([
+                "-n",
+                self.ns_name(j),
+                "neigh",
+                "flush",
+                "to",
+                &node_ip,
+            ]));
+        }
     }
 
     /// Token-bucket limit on node i's egress (tc tbf on eth0 inside its namespace).
@@ -281,7 +314,8 @@ impl Net {
         ]));
     }
 
-    /// Removes every partition, isolation, throttle and link-down.
+    /// Removes every partition, isolation, throttle and link-down, and flushes the ARP
+    /// caches of the host and the nodes (see `flush_neighbours`).
     pub fn heal(&self) {
         for i in 0..self.nodes() {
             let ns = self.ns_name(i);
@@ -306,6 +340,11 @@ impl Net {
             run(ip(["-n", ns, "link", "set", "eth0", "up"]));
         }
         self.wait_forwarding(0..self.nodes());
+        // Fresh ARP state everywhere (see flush_neighbours).
+        run(ip(["neigh", "flush", "dev", &self.bridge]));
+        for ns in &self.ns {
+            run(ip(["-n", ns, "neigh", "flush", "dev", "eth0"]));
+        }
     }
 
     /// Adds `rules` ("output ..." / "input ...") to the nemesis table of node i, creating
@@ -456,12 +495,20 @@ fn parse_node_name(name: &str, sep: char) -> Option<(usize, usize)> {
     Some((k.parse().ok()?, i.parse().ok()?))
 }
 
-/// Tries `ip link add spbr{k} type bridge` for k in 0..SLOTS; the first success is ours
-/// ("File exists" means taken). Records the owner before the state lock is released.
+/// Tries `ip link add spbr{k} type bridge` for every k in 0..SLOTS; the first success is
+/// ours ("File exists" means taken). Records the owner before the state lock is released.
+///
+/// The search starts at a point that moves with the pid and with every allocation, so a
+/// slot just freed is rarely handed out again at once: a host process of the previous
+/// owner still bound to the old host_ip would come back to life when the address is
+/// re-added.
 fn allocate_slot() -> usize {
+    static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
     fs::create_dir_all(STATE_DIR)
         .unwrap_or_else(|e| panic!("netns: create {STATE_DIR}: {e}\nhint: {HINT}"));
-    for k in 0..SLOTS {
+    let n = ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    let start = (std::process::id() as usize * 7 + n * 13) % SLOTS;
+    for k in (0..SLOTS).map(|j| (start + j) % SLOTS) {
         let br = bridge_name(k);
         // A fixed MAC: a bridge otherwise takes the lowest port MAC, which changes as
         // ports come and go and leaves stale ARP entries in the nodes.
@@ -595,14 +642,19 @@ fn disable_bridge_netfilter() {
     }
 }
 
-/// An exclusive flock on STATE_DIR/lock, released on drop (or when the process dies).
-struct StateLock(Option<File>);
+/// An exclusive flock on STATE_DIR/lock, released on drop or when this process dies.
+///
+/// Held by a `flock(1)` child (`flock LOCK sh -c 'echo locked; exec cat'`) rather than
+/// by flock(2) here: this file is also compiled into the `spool` binary, which forbids
+/// `unsafe`. The child keeps the lock until its stdin (our pipe) closes, which also
+/// happens if we are SIGKILLed.
+struct StateLock(Option<Child>);
 
 impl StateLock {
     fn acquire() -> StateLock {
         match Self::try_acquire() {
             Ok(l) => l,
-            Err(e) => panic!("netns: {e}\nhint: {HINT}"),
+            Err(e) => panic!("netns: {e}\nhint: {HINT} (flock(1) comes with util-linux)"),
         }
     }
 
@@ -617,22 +669,31 @@ impl StateLock {
     fn try_acquire() -> Result<StateLock, String> {
         fs::create_dir_all(STATE_DIR).map_err(|e| format!("create {STATE_DIR}: {e}"))?;
         let path = Path::new(STATE_DIR).join("lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| format!("open {}: {e}", path.display()))?;
-        loop {
-            // SAFETY: flock on a file descriptor we own and keep open for the call.
-            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-            if r == 0 {
-                return Ok(StateLock(Some(f)));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(format!("flock {}: {e}", path.display()));
-            }
+        let mut cmd = Command::new("flock");
+        cmd.arg("--exclusive")
+            .arg(&path)
+            .args(["sh", "-c", "echo locked; exec cat >/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("run {cmd:?}: {e}"))?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        if line.trim() == "locked" {
+            return Ok(StateLock(Some(child)));
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output();
+        Err(format!("{cmd:?} did not take the lock: {out:?}"))
+    }
+}
+
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            drop(child.stdin.take()); // EOF: cat exits, flock releases the lock
+            let _ = child.wait();
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod client;
 pub mod frame;
+pub mod fuzzing;
 
 pub use auth::ClusterKey;
 pub use frame::{FrameError, Msg, MutKind, Status};

@@ -30,7 +30,8 @@ use crate::engine::{Client, Engine};
 use crate::metrics as m;
 use crate::net::auth::{self, ClusterKey, ROLE_DIALER, ROLE_LISTENER};
 use crate::net::frame::{
-    decode_frame, kind, Header, Msg, MutKind, Status, HEADER_SIZE, NONCE_SIZE,
+    check_mutate_crc, decode_frame_deferred, encode_mutate, kind, Header, Msg, MutKind, Status,
+    HEADER_SIZE, NONCE_SIZE,
 };
 use crate::store::{
     ChunkDigest, ChunkId, ChunkInfo, ChunkOp, ShardCompletion, BLOCK_SIZE, DIGEST_SIZE,
@@ -122,6 +123,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_DELAY: Duration = Duration::from_millis(50);
 const TICK: Duration = Duration::from_millis(50);
 const DIAL_INTERVAL: Duration = Duration::from_millis(500);
+/// A relayed request unanswered this long is given up (the peer is partitioned away
+/// or stuck), so relays cannot fill the op table; a late answer finds no op.
+const PROXY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Replica {
     /// Binds the listener (an address in use is an error here, not later) and starts
@@ -371,6 +375,10 @@ struct Op {
     read: bool,
     /// The device ring was full: submit again.
     resubmit: bool,
+    /// crc32c of a write's data (forwarding combines it into the frame's crc).
+    data_crc: u32,
+    /// When the op was created (relayed requests time out).
+    started: Instant,
 }
 
 impl Op {
@@ -398,6 +406,8 @@ impl Op {
             orphan: false,
             read: false,
             resubmit: false,
+            data_crc: 0,
+            started: Instant::now(),
         }
     }
 }
@@ -873,30 +883,36 @@ impl Net {
         let mut stalled = false;
         let mut drop_why = None;
         while pos < rlen {
-            match decode_frame(&rbuf[pos..rlen], self.body_max) {
+            match decode_frame_deferred(&rbuf[pos..rlen], self.body_max) {
                 Ok(None) => break,
-                Ok(Some((h, msg, len))) => match self.on_frame(i as u32, gen, &h, msg) {
-                    Flow::Next => {
-                        pos += len;
-                        n += 1;
-                        self.engine.perf().global().inc(m::C_NET_FRAMES_IN);
+                Ok(Some((h, msg, len, deferred))) => {
+                    match self.on_frame(i as u32, gen, &h, msg, deferred) {
+                        Flow::Next => {
+                            pos += len;
+                            n += 1;
+                            self.engine.perf().global().inc(m::C_NET_FRAMES_IN);
+                        }
+                        Flow::Stall => {
+                            stalled = true;
+                            break;
+                        }
+                        Flow::Drop(why) => {
+                            drop_why = Some(why.to_owned());
+                            break;
+                        }
                     }
-                    Flow::Stall => {
-                        stalled = true;
-                        break;
-                    }
-                    Flow::Drop(why) => {
-                        drop_why = Some(why.to_owned());
-                        break;
-                    }
-                },
+                }
                 Err(e) => {
                     drop_why = Some(e.to_string());
                     break;
                 }
             }
         }
-        rbuf.copy_within(pos..rlen, 0);
+        if pos > 0 {
+            // Only when a frame was consumed: a frame arrives in many reads, and moving
+            // its partial bytes on every read would copy it many times over.
+            rbuf.copy_within(pos..rlen, 0);
+        }
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return (n, false);
         };
@@ -911,7 +927,25 @@ impl Net {
         (n, c.rlen > 0)
     }
 
-    fn on_frame(&mut self, ci: u32, gen: u32, h: &Header, msg: Msg<'_>) -> Flow {
+    fn on_frame(
+        &mut self,
+        ci: u32,
+        gen: u32,
+        h: &Header,
+        msg: Msg<'_>,
+        crc_deferred: bool,
+    ) -> Flow {
+        if crc_deferred
+            && !matches!(
+                self.conns[ci as usize].as_ref().map(|c| &c.hs),
+                Some(Hs::Ready)
+            )
+        {
+            return Flow::Drop("unauthenticated frame");
+        }
+        if crc_deferred {
+            return self.on_mutate_frame(ci, gen, h, msg);
+        }
         let key = &self.opts.key;
         let c = self.conns[ci as usize].as_mut().expect("live connection");
         match (&c.hs, &msg) {
@@ -971,6 +1005,7 @@ impl Net {
                 offset,
                 version,
                 data,
+                None,
             ),
             Msg::Read {
                 chunk,
@@ -1163,6 +1198,62 @@ impl Net {
 
     // ---- mutations -------------------------------------------------------------------
 
+    /// A write frame whose body crc is still to check: the data goes into a DMA
+    /// buffer and is sealed (a crc per 4 KiB block, which the device path needs); the
+    /// frame's crc is then combined from those, so the bytes are checksummed once.
+    fn on_mutate_frame(&mut self, ci: u32, gen: u32, h: &Header, msg: Msg<'_>) -> Flow {
+        let Msg::Mutate {
+            chain_ver,
+            chunk,
+            kind: mk,
+            offset,
+            version,
+            data,
+        } = msg
+        else {
+            return Flow::Drop("deferred crc on a frame that is not a write");
+        };
+        let up = (ci, gen, h.req_id);
+        if data.len() > self.engine.pool().buf_size() {
+            if check_mutate_crc(h, &msg, crc32c::crc32c(data)).is_err() {
+                return Flow::Drop("body checksum mismatch");
+            }
+            self.reply(up, Status::BadRequest, 0, &[]);
+            return Flow::Next;
+        }
+        let Some(mut b) = self.client.buffer() else {
+            return Flow::Stall;
+        };
+        b.set_len(data.len());
+        b.as_mut_slice().copy_from_slice(data);
+        b.seal(data.len(), crc32c::crc32c);
+        let block = BLOCK_SIZE as usize;
+        let full = data.len() / block;
+        let mut crc = 0u32;
+        for k in 0..full {
+            crc = crc32c::crc32c_combine(crc, b.block_crc(k), block);
+        }
+        if data.len() % block != 0 {
+            let tail = &data[full * block..];
+            crc = crc32c::crc32c_combine(crc, crc32c::crc32c(tail), tail.len());
+        }
+        if check_mutate_crc(h, &msg, crc).is_err() {
+            return Flow::Drop("body checksum mismatch");
+        }
+        self.on_mutate(
+            up,
+            h.kind == kind::CHAIN_MUTATE,
+            chain_ver,
+            chunk,
+            mk,
+            offset,
+            version,
+            data,
+            Some((b, crc)),
+        )
+    }
+
+    /// `sealed`: a write's data already in a sealed DMA buffer, with its crc32c.
     #[allow(clippy::too_many_arguments)]
     fn on_mutate(
         &mut self,
@@ -1174,6 +1265,7 @@ impl Net {
         offset: u32,
         version: u64,
         data: &[u8],
+        sealed: Option<(DmaBuf, u32)>,
     ) -> Flow {
         let cs = self.engine.geometry().chunk_size;
         let bad = match mk {
@@ -1230,15 +1322,13 @@ impl Net {
             self.reply(up, Status::NotServing, chain.version, &[]);
             return Flow::Next;
         }
-        let buf = if mk == MutKind::Write {
-            let Some(mut b) = self.client.buffer() else {
-                return Flow::Stall;
-            };
-            b.set_len(data.len());
-            b.as_mut_slice().copy_from_slice(data);
-            Some(b)
-        } else {
-            None
+        let (buf, data_crc) = match sealed {
+            Some((b, crc)) => (Some(b), crc),
+            None if mk == MutKind::Write => {
+                self.reply(up, Status::BadRequest, 0, &[]);
+                return Flow::Next;
+            }
+            None => (None, 0),
         };
         let Some(i) = self.alloc_op(Kind::Mutate) else {
             return Flow::Stall;
@@ -1252,6 +1342,7 @@ impl Net {
         o.len = data.len() as u32;
         o.version = version;
         o.buf = buf;
+        o.data_crc = data_crc;
         self.engine.perf().global().inc(if chained {
             m::C_REPL_CHAIN_WRITES
         } else {
@@ -1405,22 +1496,25 @@ impl Net {
             self.want_down = true;
             return;
         }
-        let msg = Msg::Mutate {
-            chain_ver,
-            chunk: o.chunk,
-            kind: o.mk,
-            offset: o.offset,
-            version: o.version,
-            data,
-        };
-        // Encode straight into the connection (no intermediate copy).
+        // Encode straight into the connection; the crc is combined from the data's,
+        // computed when the data arrived, not recomputed.
         let max = self.opts.send_buffer_max;
         if let Some(Some(c)) = self.conns.get_mut(ci as usize) {
             if c.wbuf.len() - c.wpos > max {
                 c.dead = true;
                 return;
             }
-            msg.encode(tag, &mut c.wbuf);
+            encode_mutate(
+                tag,
+                chain_ver,
+                &o.chunk,
+                o.mk,
+                o.offset,
+                o.version,
+                data,
+                o.data_crc,
+                &mut c.wbuf,
+            );
         }
         self.ops[i as usize].down = Down::Sent { node: succ };
         self.ops[i as usize].retry_at = None;
@@ -2273,6 +2367,19 @@ impl Net {
             }
         }
         self.want_down = true;
+        for i in 0..self.ops.len() {
+            let o = &self.ops[i];
+            if o.kind == Kind::Proxy && o.started.elapsed() > PROXY_TIMEOUT {
+                let st = if o.read {
+                    Status::Unavailable
+                } else {
+                    Status::Unknown
+                };
+                let up = o.up;
+                self.reply(up, st, 0, &[]);
+                self.free_op(i as u32);
+            }
+        }
         if self.last_dial.elapsed() >= DIAL_INTERVAL {
             self.dial_all();
         }

@@ -50,10 +50,10 @@ pub struct DeviceBench {
 }
 
 #[derive(Debug)]
-struct Row {
+pub(crate) struct Row {
     what: String,
-    bytes: u64,
-    secs: f64,
+    pub(crate) bytes: u64,
+    pub(crate) secs: f64,
     cpu_secs: Option<f64>,
 }
 
@@ -289,7 +289,14 @@ fn pipeline(
     })
 }
 
-fn fio(path: &Path, rw: &str, total: u64, bs: u64, qd: usize, huge: bool) -> Result<Row> {
+pub(crate) fn fio(
+    path: &Path,
+    rw: &str,
+    total: u64,
+    bs: u64,
+    qd: usize,
+    huge: bool,
+) -> Result<Row> {
     let out = Command::new("fio")
         .args([
             "--name=spool-bench",

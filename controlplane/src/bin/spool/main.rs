@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_cluster;
 mod bench_fuse;
 mod node;
 
@@ -114,6 +115,9 @@ enum BenchCmd {
     /// N writers with 1 MiB writes + fsync through the FUSE mount vs straight to the
     /// dataplane vs the local filesystem, then reads.
     Fuse(bench_fuse::FuseBench),
+    /// Replicated writes with R = 1, 2, 3 between nodes in network namespaces vs
+    /// iperf3 and fio in the same run; failover time and resync throughput.
+    Cluster(bench_cluster::ClusterBench),
 }
 
 fn main() {
@@ -201,6 +205,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             cmd: BenchCmd::Fuse(b),
         } => bench_fuse::run(&b),
+        Cmd::Bench {
+            cmd: BenchCmd::Cluster(b),
+        } => bench_cluster::run(&b),
     }
 }
 

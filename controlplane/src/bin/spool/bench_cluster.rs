@@ -1,0 +1,580 @@
+//! `spool bench cluster`: replicated write throughput with R = 1, 2, 3 between nodes
+//! in network namespaces (veth pairs on a bridge, a real etcd), side by side with the
+//! physical limits measured in the same run: iperf3 over the same veth and fio on a
+//! file of the same filesystem. Then, with R = 2 and default membership settings: the
+//! time from SIGKILL of a chain head until writes to its chains succeed again, and
+//! resync throughput when the node comes back.
+//!
+//! Every node is a real `spool serve` (this binary) started with `ip netns exec`. The
+//! writers run in this process and send each write to its chain's head, as a client
+//! that knows the chain table does.
+
+#[path = "../../../tests/common/etcd.rs"]
+mod etcd;
+#[path = "../../../tests/common/netns.rs"]
+mod netns;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use spool_controlplane::cluster::etcd::Etcd;
+use spool_controlplane::config::size::ByteSize;
+use spool_dataplane::net::client::Client;
+use spool_dataplane::net::frame::{Msg, MutKind};
+use spool_dataplane::net::{ClusterKey, Status};
+use spool_dataplane::replica::ChainTable;
+use spool_dataplane::store::ChunkId;
+
+const PORT: u16 = 7420;
+const CHUNK: u64 = 4 << 20;
+const IO: usize = 1 << 20;
+
+#[derive(Debug, clap::Args)]
+pub struct ClusterBench {
+    /// Nodes (network namespaces) in the cluster, 3..8.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Bytes written for each replication factor.
+    #[arg(long, default_value = "1GiB")]
+    size: ByteSize,
+    /// Concurrent writers, each with its own connection to chain heads.
+    #[arg(long, default_value_t = 3)]
+    writers: usize,
+    /// 1 MiB writes each writer keeps in flight (on different chunks).
+    #[arg(long, default_value_t = 4)]
+    depth: usize,
+    /// Replication factors to measure, e.g. 1,2,3.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    replication: Vec<u8>,
+    /// Directory for the nodes' device files (one filesystem, like fio's file).
+    #[arg(long, default_value = "/var/tmp/spool-bench-cluster")]
+    dir: PathBuf,
+    /// Skip the failover and resync measurements.
+    #[arg(long)]
+    no_failover: bool,
+    /// Also write the results as CSV.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+}
+
+struct Row {
+    what: String,
+    value: f64,
+    unit: &'static str,
+    note: String,
+}
+
+/// A running cluster of `spool serve` processes.
+struct Nodes<'a> {
+    net: &'a netns::Net,
+    name: String,
+    dir: PathBuf,
+    key: ClusterKey,
+    children: Vec<Option<Child>>,
+    etcd: Etcd,
+    rt: &'a tokio::runtime::Runtime,
+}
+
+impl Nodes<'_> {
+    fn socket(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("n{}", i + 1)).join("admin.sock")
+    }
+    fn config(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("n{}", i + 1)).join("spool.toml")
+    }
+    fn addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::from((self.net.node_ip(i), PORT))
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let exe = std::env::current_exe().context("this binary's path")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("n{}", i + 1)).join("spool.log"))?;
+        let child = self
+            .net
+            .command(i, exe)
+            .args(["serve", "--config"])
+            .arg(self.config(i))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting spool serve in its namespace")?;
+        self.children[i] = Some(child);
+        Ok(())
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn status(&self, i: usize) -> Option<Value> {
+        spool_controlplane::admin::request_blocking_with_timeout(
+            &self.socket(i),
+            &json!({"cmd": "status"}),
+            Duration::from_secs(2),
+        )
+        .ok()
+    }
+
+    fn counter(&self, i: usize, name: &str) -> u64 {
+        spool_controlplane::admin::request_blocking_with_timeout(
+            &self.socket(i),
+            &json!({"cmd": "perf dump"}),
+            Duration::from_secs(2),
+        )
+        .ok()
+        .and_then(|v| v["counters"][name].as_u64())
+        .unwrap_or(0)
+    }
+
+    /// Every node runs, is admitted and sees one table in which every target serves.
+    fn all_serving(&self) -> bool {
+        let mut version = None;
+        for i in 0..self.children.len() {
+            let Some(s) = self.status(i) else {
+                return false;
+            };
+            let cl = &s["cluster"];
+            let states = cl["table"]["target_states"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            if cl["table"]["chains"].as_u64().unwrap_or(0) == 0
+                || states.keys().any(|k| k != "serving")
+                || cl["agent"]["fenced"].as_bool() != Some(false)
+            {
+                return false;
+            }
+            let v = cl["table"]["version"].as_u64();
+            if version.is_some() && version != v {
+                return false;
+            }
+            version = v;
+        }
+        true
+    }
+
+    fn wait_serving(&self, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        while !self.all_serving() {
+            if t0.elapsed() > timeout {
+                bail!(
+                    "cluster not serving within {timeout:?}; logs in {}",
+                    self.dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(t0.elapsed())
+    }
+
+    fn table(&self) -> Result<ChainTable> {
+        let key = format!("/spool/{}/table", self.name);
+        let kv = self
+            .rt
+            .block_on(self.etcd.get(&key))?
+            .context("no chain table in etcd")?;
+        Ok(serde_json::from_slice(&kv.value)?)
+    }
+}
+
+impl Drop for Nodes<'_> {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_nodes<'a>(
+    b: &ClusterBench,
+    net: &'a netns::Net,
+    etcd_url: &str,
+    rt: &'a tokio::runtime::Runtime,
+    r: u8,
+    tag: &str,
+) -> Result<Nodes<'a>> {
+    let dir = b.dir.join(tag);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let secret = format!("bench-{}-{}", std::process::id(), rand::random::<u64>());
+    std::fs::write(dir.join("cluster.key"), &secret)?;
+    let name = format!("bench-{tag}");
+    // Each node holds about size x R / nodes; leave room.
+    let dev_mib = (b.size.0 * 3 / b.nodes as u64 + (1 << 30)) >> 20;
+    for i in 0..b.nodes {
+        let nd = dir.join(format!("n{}", i + 1));
+        std::fs::create_dir_all(&nd)?;
+        let toml = format!(
+            r#"[node]
+name = "n{id}"
+[device]
+path = "{dev}"
+size = "{dev_mib}MiB"
+format_if_new = true
+chunk_size = "4MiB"
+[dataplane]
+cores = 1
+pin = false
+io_size_max = "1MiB"
+[hugepages]
+buffers = 64
+policy = "off"
+[admin]
+socket = "{sock}"
+[log]
+level = "info"
+[cluster]
+node_id = {id}
+listen = "{ip}:{PORT}"
+etcd = ["{etcd_url}"]
+name = "{name}"
+key_file = "{key}"
+replication = {r}
+initial_nodes = {n}
+"#,
+            id = i + 1,
+            dev = nd.join("device.img").display(),
+            sock = nd.join("admin.sock").display(),
+            ip = net.node_ip(i),
+            key = dir.join("cluster.key").display(),
+            n = b.nodes,
+        );
+        std::fs::write(nd.join("spool.toml"), toml)?;
+    }
+    let etcd = Etcd::new(&[etcd_url.to_owned()], Duration::from_secs(2))?;
+    let mut nodes = Nodes {
+        net,
+        name,
+        dir,
+        key: ClusterKey::from_secret(secret.as_bytes()).context("key")?,
+        children: (0..b.nodes).map(|_| None).collect(),
+        etcd,
+        rt,
+    };
+    for i in 0..b.nodes {
+        nodes.spawn(i)?;
+    }
+    nodes.wait_serving(Duration::from_secs(60))?;
+    Ok(nodes)
+}
+
+/// Chunks of file `inode` whose chain head is node `head` (ids are 1-based).
+fn chunks_headed_by(t: &ChainTable, inode: u64, head: u32, n: usize) -> Vec<ChunkId> {
+    (0..u32::MAX)
+        .map(|index| ChunkId { inode, index })
+        .filter(|c| t.chain(t.chain_of(c)).and_then(|ch| ch.head()) == Some(head))
+        .take(n)
+        .collect()
+}
+
+/// One writer: `chunks` written whole, `depth` of them at a time, 1 MiB per request.
+fn writer(
+    addr: SocketAddr,
+    key: &ClusterKey,
+    chunks: &[ChunkId],
+    depth: usize,
+    data: &[u8],
+) -> Result<u64> {
+    let mut c =
+        Client::connect(addr, key, Duration::from_secs(10)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let per_chunk = (CHUNK / IO as u64) as u32;
+    let mut next = 0usize;
+    let mut inflight: BTreeMap<u64, (ChunkId, u32)> = BTreeMap::new();
+    let mut bytes = 0u64;
+    let send = |c: &mut Client, chunk: ChunkId, k: u32| -> Result<u64> {
+        c.send(&Msg::Mutate {
+            chain_ver: 0,
+            chunk,
+            kind: MutKind::Write,
+            offset: k * IO as u32,
+            version: 0,
+            data,
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    while next < chunks.len().min(depth) {
+        let id = send(&mut c, chunks[next], 0)?;
+        inflight.insert(id, (chunks[next], 0));
+        next += 1;
+    }
+    while !inflight.is_empty() {
+        let r = c.recv().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (chunk, k) = inflight
+            .remove(&r.req_id)
+            .context("reply to an unknown request")?;
+        if r.status != Status::Ok {
+            bail!("write {chunk} +{} MiB: {:?}", k, r.status);
+        }
+        bytes += IO as u64;
+        if k + 1 < per_chunk {
+            let id = send(&mut c, chunk, k + 1)?;
+            inflight.insert(id, (chunk, k + 1));
+        } else if next < chunks.len() {
+            let id = send(&mut c, chunks[next], 0)?;
+            inflight.insert(id, (chunks[next], 0));
+            next += 1;
+        }
+    }
+    Ok(bytes)
+}
+
+/// Writes `size` bytes with `writers` writers spread over the nodes; returns MB/s.
+fn replicated_write(
+    nodes: &Nodes<'_>,
+    b: &ClusterBench,
+    inode_base: u64,
+    data: &[u8],
+) -> Result<f64> {
+    let t = nodes.table()?;
+    let per_writer = (b.size.0 / b.writers as u64).div_ceil(CHUNK) as usize;
+    let plans: Vec<(SocketAddr, Vec<ChunkId>)> = (0..b.writers)
+        .map(|w| {
+            let node = w % b.nodes;
+            let chunks = chunks_headed_by(&t, inode_base + w as u64, node as u32 + 1, per_writer);
+            (nodes.addr(node), chunks)
+        })
+        .collect();
+    let t0 = Instant::now();
+    let bytes: Result<Vec<u64>> = std::thread::scope(|s| {
+        let hs: Vec<_> = plans
+            .iter()
+            .map(|(addr, chunks)| {
+                let key = &nodes.key;
+                s.spawn(move || writer(*addr, key, chunks, b.depth, data))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("writer thread"))
+            .collect()
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let total: u64 = bytes?.iter().sum();
+    Ok(total as f64 / secs / 1e6)
+}
+
+fn iperf3(net: &netns::Net) -> Result<f64> {
+    let mut server = net
+        .command(1, "iperf3")
+        .args(["-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("iperf3 (apt-get install iperf3)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = net
+        .command(0, "iperf3")
+        .args([
+            "-c",
+            &net.node_ip(1).to_string(),
+            "-p",
+            "5201",
+            "-t",
+            "5",
+            "-J",
+        ])
+        .output()?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 bits_per_second")?;
+    Ok(bps / 8.0 / 1e6)
+}
+
+/// SIGKILL a chain head while a client writes to one of its chunks through another
+/// node; seconds until a write succeeds again.
+fn failover(nodes: &mut Nodes<'_>, data: &[u8]) -> Result<f64> {
+    let victim = nodes.children.len() - 1;
+    let t = nodes.table()?;
+    let chunk = chunks_headed_by(&t, 9_000_000, victim as u32 + 1, 1)[0];
+    let addr = nodes.addr(0);
+    let key = nodes.key.clone();
+    let write = |c: &mut Option<Client>| -> bool {
+        if c.is_none() {
+            *c = Client::connect(addr, &key, Duration::from_millis(500)).ok();
+        }
+        let Some(cl) = c.as_mut() else { return false };
+        match cl.write(chunk, 0, &data[..64 << 10]) {
+            Ok(r) => r.status == Status::Ok,
+            Err(_) => {
+                *c = None;
+                false
+            }
+        }
+    };
+    let mut c = None;
+    if !write(&mut c) {
+        bail!("the first write to {chunk} failed");
+    }
+    nodes.kill(victim);
+    let t0 = Instant::now();
+    while !write(&mut c) {
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("writes did not resume within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// With the victim down, writes `bytes` to its chains, restarts it and times the
+/// resync; returns (MB/s, bytes sent).
+fn resync(nodes: &mut Nodes<'_>, bytes: u64, data: &[u8]) -> Result<(f64, u64, f64)> {
+    let victim = nodes.children.len() - 1;
+    let t = nodes.table()?;
+    let n = bytes.div_ceil(CHUNK) as usize;
+    // Chunks whose chain includes the victim (now offline there).
+    let chunks: Vec<ChunkId> = (0..u32::MAX)
+        .map(|index| ChunkId {
+            inode: 9_100_000,
+            index,
+        })
+        .filter(|c| {
+            t.chain(t.chain_of(c))
+                .is_some_and(|ch| ch.targets.iter().any(|x| x.node == victim as u32 + 1))
+        })
+        .take(n)
+        .collect();
+    let by_head: BTreeMap<u32, Vec<ChunkId>> = chunks.iter().fold(BTreeMap::new(), |mut m, c| {
+        if let Some(h) = t.chain(t.chain_of(c)).and_then(|ch| ch.head()) {
+            m.entry(h).or_insert_with(Vec::new).push(*c);
+        }
+        m
+    });
+    for (head, cs) in &by_head {
+        writer(nodes.addr(*head as usize - 1), &nodes.key, cs, 4, data)?;
+    }
+    let before: u64 = (0..victim)
+        .map(|i| nodes.counter(i, "sync_bytes_sent"))
+        .sum();
+    nodes.spawn(victim)?;
+    let t0 = Instant::now();
+    nodes.wait_serving(Duration::from_secs(300))?;
+    let secs = t0.elapsed().as_secs_f64();
+    let sent: u64 = (0..victim)
+        .map(|i| nodes.counter(i, "sync_bytes_sent"))
+        .sum::<u64>()
+        - before;
+    Ok((sent as f64 / secs / 1e6, sent, secs))
+}
+
+pub fn run(b: &ClusterBench) -> Result<()> {
+    if !(3..=8).contains(&b.nodes) {
+        bail!("--nodes {}: between 3 and 8", b.nodes);
+    }
+    if b.replication.iter().any(|r| !(1..=3).contains(r)) {
+        bail!("--replication: each between 1 and 3");
+    }
+    std::fs::create_dir_all(&b.dir).with_context(|| format!("creating {}", b.dir.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let net = netns::Net::new(b.nodes);
+    let etcd = etcd::EtcdServer::start(net.host_ip());
+    let data: Vec<u8> = (0..IO)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let mut rows = Vec::new();
+
+    eprintln!("iperf3 between two namespaces over the veth bridge ...");
+    let net_mbs = iperf3(&net)?;
+    rows.push(Row {
+        what: "iperf3 node1 -> node2 (veth)".into(),
+        value: net_mbs,
+        unit: "MB/s",
+        note: String::new(),
+    });
+    eprintln!("fio sequential write on {} ...", b.dir.display());
+    let fio_file = b.dir.join("fio.img");
+    crate::bench::prepare_file(&fio_file, b.size.0)?;
+    let f = crate::bench::fio(&fio_file, "write", b.size.0, 1 << 20, 16, false)?;
+    let _ = std::fs::remove_file(&fio_file);
+    let dev_mbs = f.bytes as f64 / f.secs / 1e6;
+    rows.push(Row {
+        what: "fio seq write 1MiB qd16 (device)".into(),
+        value: dev_mbs,
+        unit: "MB/s",
+        note: String::new(),
+    });
+
+    for &r in &b.replication {
+        eprintln!("R = {r}: starting {} nodes ...", b.nodes);
+        let nodes = start_nodes(b, &net, &etcd.url(), &rt, r, &format!("r{r}"))?;
+        eprintln!("R = {r}: writing {} ...", b.size);
+        let mbs = replicated_write(&nodes, b, 1_000_000 * u64::from(r), &data)?;
+        // Every replica lands on this one machine's disk, so the device share of one
+        // copy is fio / R; the network carries R - 1 copies per byte over the veths.
+        let limit = net_mbs.min(dev_mbs / f64::from(r));
+        rows.push(Row {
+            what: format!("replicated write R={r}"),
+            value: mbs,
+            unit: "MB/s",
+            note: format!(
+                "{:.2}x min(iperf3, fio/R = {:.0}); {:.2}x min(iperf3, fio)",
+                mbs / limit,
+                dev_mbs / f64::from(r),
+                mbs / net_mbs.min(dev_mbs)
+            ),
+        });
+        drop(nodes);
+    }
+
+    if !b.no_failover {
+        eprintln!("failover: R = 2, lease_ttl_s 3 (the default) ...");
+        let mut nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "failover")?;
+        let secs = failover(&mut nodes, &data)?;
+        rows.push(Row {
+            what: "kill -9 chain head -> writes succeed".into(),
+            value: secs,
+            unit: "s",
+            note: "default settings (lease_ttl_s = 3)".into(),
+        });
+        eprintln!("resync: writing while the node is down, then restarting it ...");
+        let (mbs, sent, secs) = resync(&mut nodes, (b.size.0 / 2).max(CHUNK), &data)?;
+        rows.push(Row {
+            what: "resync of the returning node".into(),
+            value: mbs,
+            unit: "MB/s",
+            note: format!(
+                "{:.0} MiB sent, restart -> all serving in {secs:.1} s",
+                sent as f64 / (1 << 20) as f64
+            ),
+        });
+    }
+    drop(etcd);
+
+    println!();
+    println!("spool bench cluster: {} nodes in network namespaces, {} per run, {} writers x depth {}, 1 MiB writes, 4 MiB chunks", b.nodes, b.size, b.writers, b.depth);
+    println!(
+        "{:<40} {:>10} {:<5} {}",
+        "what", "value", "", "vs the limit"
+    );
+    for r in &rows {
+        println!("{:<40} {:>10.1} {:<5} {}", r.what, r.value, r.unit, r.note);
+    }
+    if let Some(p) = &b.csv {
+        let mut f =
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+        writeln!(f, "what,value,unit,note")?;
+        for r in &rows {
+            writeln!(f, "{:?},{},{},{:?}", r.what, r.value, r.unit, r.note)?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&b.dir);
+    Ok(())
+}
