@@ -560,10 +560,7 @@ pub fn run(b: &ClusterBench) -> Result<()> {
 
     println!();
     println!("spool bench cluster: {} nodes in network namespaces, {} per run, {} writers x depth {}, 1 MiB writes, 4 MiB chunks", b.nodes, b.size, b.writers, b.depth);
-    println!(
-        "{:<40} {:>10} {:<5} {}",
-        "what", "value", "", "vs the limit"
-    );
+    println!("{:<40} {:>10} {:<5} vs the limit", "what", "value", "");
     for r in &rows {
         println!("{:<40} {:>10.1} {:<5} {}", r.what, r.value, r.unit, r.note);
     }
