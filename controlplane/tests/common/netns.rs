@@ -42,7 +42,7 @@ pub const STATE_DIR: &str = "/run/spool-netns";
 /// The nftables table the nemesis owns inside every node namespace.
 pub const NFT_TABLE: &str = "spool_nemesis";
 
-const HINT: &str = "the netns harness needs root, iproute2 (ip, tc) and nftables (nft); \
+const HINT: &str = "the netns harness needs root, iproute2 (ip, tc), nftables (nft) and flock; \
 leftovers of killed runs are removed by netns::cleanup_stale() (inspect with \
 `ip netns list` and `ip -br link show type bridge`)";
 
@@ -654,7 +654,7 @@ impl StateLock {
     fn acquire() -> StateLock {
         match Self::try_acquire() {
             Ok(l) => l,
-            Err(e) => panic!("netns: {e}\nhint: {HINT} (flock(1) comes with util-linux)"),
+            Err(e) => panic!("netns: {e}\nhint: {HINT}"),
         }
     }
 

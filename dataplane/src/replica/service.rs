@@ -30,8 +30,8 @@ use crate::engine::{Client, Engine};
 use crate::metrics as m;
 use crate::net::auth::{self, ClusterKey, ROLE_DIALER, ROLE_LISTENER};
 use crate::net::frame::{
-    check_mutate_crc, decode_frame_deferred, encode_mutate, kind, Header, Msg, MutKind, Status,
-    HEADER_SIZE, NONCE_SIZE,
+    check_mutate_crc, crc_of_4k_blocks, decode_frame_deferred, encode_mutate, kind, Header, Msg,
+    MutKind, Status, HEADER_SIZE, NONCE_SIZE,
 };
 use crate::store::{
     ChunkDigest, ChunkId, ChunkInfo, ChunkOp, ShardCompletion, BLOCK_SIZE, DIGEST_SIZE,
@@ -1229,10 +1229,7 @@ impl Net {
         b.seal(data.len(), crc32c::crc32c);
         let block = BLOCK_SIZE as usize;
         let full = data.len() / block;
-        let mut crc = 0u32;
-        for k in 0..full {
-            crc = crc32c::crc32c_combine(crc, b.block_crc(k), block);
-        }
+        let mut crc = crc_of_4k_blocks((0..full).map(|k| b.block_crc(k)));
         if data.len() % block != 0 {
             let tail = &data[full * block..];
             crc = crc32c::crc32c_combine(crc, crc32c::crc32c(tail), tail.len());
