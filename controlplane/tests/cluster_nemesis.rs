@@ -420,3 +420,28 @@ fn lost_node_is_replaced_and_chains_refilled() {
     }
     let _ = CHUNK;
 }
+
+/// The long version, not run in CI:
+/// `SPOOL_SOAK_EPISODES=20 SPOOL_SOAK_SECS=60 cargo test -p spool-controlplane --test cluster_nemesis -- --ignored soak`
+/// (`SPOOL_SOAK_SEED` picks the first seed, `SPOOL_SOAK_R` the replication factor).
+#[test]
+#[ignore = "soak: minutes to hours; run by hand"]
+fn soak() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let episodes = env("SPOOL_SOAK_EPISODES", 10);
+    let secs = env("SPOOL_SOAK_SECS", 60);
+    let first = env("SPOOL_SOAK_SEED", 1000);
+    let r = env("SPOOL_SOAK_R", 2) as u8;
+    let mut c = Cluster::start(ClusterOpts {
+        replication: r,
+        ..ClusterOpts::default()
+    });
+    for seed in first..first + episodes {
+        episode(&mut c, seed, Duration::from_secs(secs));
+    }
+}

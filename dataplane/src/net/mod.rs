@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod frame;
 pub mod fuzzing;
+pub mod transport;
 
 pub use auth::ClusterKey;
 pub use frame::{FrameError, Msg, MutKind, Status};

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use rustc_hash::FxHashMap;
 use serde::Serialize;
@@ -33,6 +32,7 @@ use crate::net::frame::{
     check_mutate_crc, crc_of_4k_blocks, decode_frame_deferred, encode_mutate, kind, Header, Msg,
     MutKind, Status, HEADER_SIZE, NONCE_SIZE,
 };
+use crate::net::transport::{Link, Listener, Tcp, Transport};
 use crate::store::{
     ChunkDigest, ChunkId, ChunkInfo, ChunkOp, ShardCompletion, BLOCK_SIZE, DIGEST_SIZE,
 };
@@ -51,6 +51,8 @@ pub struct ReplicaOptions {
     pub send_buffer_max: usize,
     /// Chunk copies a resync keeps in flight.
     pub sync_window: usize,
+    /// How nodes reach each other (`Tcp` by default).
+    pub transport: Arc<dyn Transport>,
 }
 
 impl ReplicaOptions {
@@ -63,6 +65,7 @@ impl ReplicaOptions {
             sync_buffers: 4,
             send_buffer_max: 256 << 20,
             sync_window: 4,
+            transport: Arc::new(Tcp),
         }
     }
 }
@@ -131,17 +134,18 @@ impl Replica {
     /// Binds the listener (an address in use is an error here, not later) and starts
     /// the thread.
     pub fn start(engine: Arc<Engine>, opts: ReplicaOptions) -> Result<Replica, Error> {
-        let std_listener = std::net::TcpListener::bind(opts.listen).map_err(|e| Error::Open {
-            path: format!("transport listener {}", opts.listen),
-            source: e,
-        })?;
-        std_listener
-            .set_nonblocking(true)
+        let listener = opts
+            .transport
+            .listen(opts.listen)
             .map_err(|e| Error::Open {
-                path: format!("transport listener {}", opts.listen),
+                path: format!(
+                    "{} transport listener {}",
+                    opts.transport.name(),
+                    opts.listen
+                ),
                 source: e,
             })?;
-        let addr = std_listener.local_addr().map_err(|e| Error::Open {
+        let addr = listener.local_addr().map_err(|e| Error::Open {
             path: "transport listener".into(),
             source: e,
         })?;
@@ -184,7 +188,6 @@ impl Replica {
                 client.set_waker(Box::new(move || {
                     let _ = w.wake();
                 }));
-                let listener = TcpListener::from_std(std_listener);
                 let mut net = Net::new(engine, client, poll, listener, sync_pool, opts, sh);
                 net.run();
             })
@@ -283,7 +286,7 @@ enum Hs {
 
 #[derive(Debug)]
 struct Conn {
-    sock: TcpStream,
+    sock: Box<dyn Link>,
     gen: u32,
     /// The node we dialed (replies to our requests come back here).
     peer: Option<u32>,
@@ -462,7 +465,7 @@ struct Net {
     engine: Arc<Engine>,
     client: Client,
     poll: Poll,
-    listener: TcpListener,
+    listener: Box<dyn Listener>,
     sync_pool: Arc<DmaPool>,
     opts: ReplicaOptions,
     shared: Arc<Shared>,
@@ -496,14 +499,14 @@ impl Net {
         engine: Arc<Engine>,
         client: Client,
         poll: Poll,
-        mut listener: TcpListener,
+        mut listener: Box<dyn Listener>,
         sync_pool: Arc<DmaPool>,
         opts: ReplicaOptions,
         shared: Arc<Shared>,
     ) -> Net {
         let _ = poll
             .registry()
-            .register(&mut listener, LISTENER, Interest::READABLE);
+            .register(&mut *listener, LISTENER, Interest::READABLE);
         let body_max =
             (engine.geometry().chunk_size as usize).max(engine.pool().buf_size()) as u32 + 4096;
         let ops = (0..opts.ops_max).map(|_| Op::empty()).collect();
@@ -606,8 +609,7 @@ impl Net {
 
     // ---- connections ---------------------------------------------------------------
 
-    fn add_conn(&mut self, mut sock: TcpStream, peer: Option<u32>, hs: Hs) -> Option<u32> {
-        let _ = sock.set_nodelay(true);
+    fn add_conn(&mut self, mut sock: Box<dyn Link>, peer: Option<u32>, hs: Hs) -> Option<u32> {
         let idx = match self.conns.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
@@ -619,7 +621,7 @@ impl Net {
             .poll
             .registry()
             .register(
-                &mut sock,
+                &mut *sock,
                 Token(idx),
                 Interest::READABLE | Interest::WRITABLE,
             )
@@ -648,7 +650,7 @@ impl Net {
     fn accept(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((sock, _)) => {
+                Ok(sock) => {
                     self.add_conn(sock, None, Hs::AwaitHello);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -671,7 +673,7 @@ impl Net {
             self.peers.remove(&node);
         }
         let addr: SocketAddr = self.table.nodes.get(&node)?.addr.parse().ok()?;
-        let sock = TcpStream::connect(addr).ok()?;
+        let sock = self.opts.transport.dial(addr).ok()?;
         let nc = auth::nonce();
         let ci = self.add_conn(sock, Some(node), Hs::Dialing(nc))?;
         self.send(ci, 0, &Msg::Hello { nonce: nc });
@@ -761,7 +763,7 @@ impl Net {
         let Some(mut c) = self.conns[ci as usize].take() else {
             return;
         };
-        let _ = self.poll.registry().deregister(&mut c.sock);
+        let _ = self.poll.registry().deregister(&mut *c.sock);
         if !matches!(c.hs, Hs::Ready) {
             self.engine.perf().global().inc(m::C_NET_AUTH_FAILURES);
         }

@@ -1,0 +1,65 @@
+//! The transport seam: how a node listens for and dials its peers. The replication
+//! service polls whatever links a backend gives it in one epoll, so a backend is a
+//! non-blocking byte stream with a pollable fd: `tcp` here; `rdma` (RC queue pairs,
+//! polled through their completion channel's fd) plugs in the same way.
+
+use std::fmt::Debug;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+use mio::event::Source;
+
+/// A transport backend.
+pub trait Transport: Send + Sync + Debug {
+    /// The backend's name (`tcp`), for logs and status.
+    fn name(&self) -> &'static str;
+    /// Listens on `addr`; an address in use fails here, at start.
+    fn listen(&self, addr: SocketAddr) -> io::Result<Box<dyn Listener>>;
+    /// Starts connecting without blocking: the link turns writable once connected,
+    /// and a failed connect shows up as an error on the first read or write.
+    fn dial(&self, addr: SocketAddr) -> io::Result<Box<dyn Link>>;
+}
+
+/// A listening endpoint, registered in the service's poll.
+pub trait Listener: Source + Send + Debug {
+    /// The next pending connection (`WouldBlock` when there is none).
+    fn accept(&mut self) -> io::Result<Box<dyn Link>>;
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+/// One connection: a non-blocking, ordered, reliable byte stream.
+pub trait Link: Source + Read + Write + Send + Debug {}
+
+/// TCP through the kernel: non-blocking sockets, no Nagle delay.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tcp;
+
+impl Link for mio::net::TcpStream {}
+
+impl Listener for mio::net::TcpListener {
+    fn accept(&mut self) -> io::Result<Box<dyn Link>> {
+        let (s, _) = mio::net::TcpListener::accept(self)?;
+        s.set_nodelay(true)?;
+        Ok(Box::new(s))
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        mio::net::TcpListener::local_addr(self)
+    }
+}
+
+impl Transport for Tcp {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+    fn listen(&self, addr: SocketAddr) -> io::Result<Box<dyn Listener>> {
+        // Through std so that bind errors (address in use) are reported as such.
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        Ok(Box::new(mio::net::TcpListener::from_std(l)))
+    }
+    fn dial(&self, addr: SocketAddr) -> io::Result<Box<dyn Link>> {
+        let s = mio::net::TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        Ok(Box::new(s))
+    }
+}
