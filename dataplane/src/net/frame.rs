@@ -292,6 +292,17 @@ impl<'a> Msg<'a> {
             },
             kind::PROOF => Msg::Proof { proof: r.nonce()? },
             kind::CLIENT_MUTATE | kind::CHAIN_MUTATE => {
+                // Data first, fields last: the body's crc is then the data's crc
+                // extended over 33 bytes, which a forwarding node computes without
+                // reading the data again.
+                let Some(split) = body.len().checked_sub(MUTATE_FIELDS) else {
+                    return Err(r.bad("truncated"));
+                };
+                let data = &body[..split];
+                let mut r = Rd {
+                    b: &body[split..],
+                    kind,
+                };
                 let chain_ver = r.u64()?;
                 let chunk = r.chunk()?;
                 let mk = match r.u8()? {
@@ -305,7 +316,6 @@ impl<'a> Msg<'a> {
                 if (kind == kind::CHAIN_MUTATE) != (version != 0) {
                     return Err(r.bad("only chain mutations carry a version"));
                 }
-                let data = r.b;
                 if (mk == MutKind::Write) == data.is_empty() {
                     return Err(r.bad("writes and only writes carry data"));
                 }
@@ -408,12 +418,8 @@ impl<'a> Msg<'a> {
                 version,
                 data,
             } => {
-                out.extend_from_slice(&chain_ver.to_le_bytes());
-                chunk(out, c);
-                out.push(*kind as u8);
-                out.extend_from_slice(&offset.to_le_bytes());
-                out.extend_from_slice(&version.to_le_bytes());
                 out.extend_from_slice(data);
+                out.extend_from_slice(&mutate_fields(*chain_ver, c, *kind, *offset, *version));
             }
             Msg::Read {
                 chunk: c,
@@ -538,19 +544,18 @@ fn gf2_times(mat: &[u32; 32], mut vec: u32) -> u32 {
     sum
 }
 
-/// Byte length of a mutation body before its data.
-pub const MUTATE_PREFIX: usize = 8 + 12 + 1 + 4 + 8;
+/// Byte length of a mutation body's fields, which follow its data.
+pub const MUTATE_FIELDS: usize = 8 + 12 + 1 + 4 + 8;
 
-/// The body crc of a mutation frame, from its fields and the crc of its data.
-#[allow(clippy::too_many_arguments)]
-fn mutate_prefix(
+/// A mutation body's trailing fields.
+fn mutate_fields(
     chain_ver: u64,
     chunk: &ChunkId,
     kind: MutKind,
     offset: u32,
     version: u64,
-) -> [u8; MUTATE_PREFIX] {
-    let mut p = [0u8; MUTATE_PREFIX];
+) -> [u8; MUTATE_FIELDS] {
+    let mut p = [0u8; MUTATE_FIELDS];
     p[0..8].copy_from_slice(&chain_ver.to_le_bytes());
     p[8..16].copy_from_slice(&chunk.inode.to_le_bytes());
     p[16..20].copy_from_slice(&chunk.index.to_le_bytes());
@@ -560,7 +565,8 @@ fn mutate_prefix(
     p
 }
 
-/// Checks a deferred mutation's body crc given the crc32c of its data.
+/// Checks a deferred mutation's body crc given the crc32c of its data: the data
+/// comes first in the body, so the body's crc is the data's extended over the fields.
 pub fn check_mutate_crc(h: &Header, m: &Msg<'_>, data_crc: u32) -> Result<(), FrameError> {
     let Msg::Mutate {
         chain_ver,
@@ -568,21 +574,50 @@ pub fn check_mutate_crc(h: &Header, m: &Msg<'_>, data_crc: u32) -> Result<(), Fr
         kind,
         offset,
         version,
-        data,
+        ..
     } = m
     else {
         return Err(FrameError::BodyCrc);
     };
-    let p = mutate_prefix(*chain_ver, chunk, *kind, *offset, *version);
-    let body_crc = crc32c::crc32c_combine(crc32c::crc32c(&p), data_crc, data.len());
-    if body_crc != h.body_crc {
+    let p = mutate_fields(*chain_ver, chunk, *kind, *offset, *version);
+    if crc32c::crc32c_append(data_crc, &p) != h.body_crc {
         return Err(FrameError::BodyCrc);
     }
     Ok(())
 }
 
-/// Appends a mutation frame whose data's crc32c is already known (forwarding down a
-/// chain): the body crc is combined, not recomputed over the data.
+/// A mutation frame's header and trailing fields, for data whose crc32c is already
+/// known (forwarding down a chain): the body crc extends it over the fields, without
+/// reading the data again. The frame is header, data, fields.
+#[allow(clippy::too_many_arguments)]
+pub fn mutate_frame_parts(
+    req_id: u64,
+    chain_ver: u64,
+    chunk: &ChunkId,
+    kind: MutKind,
+    offset: u32,
+    version: u64,
+    data_len: usize,
+    data_crc: u32,
+) -> ([u8; HEADER_SIZE], [u8; MUTATE_FIELDS]) {
+    let p = mutate_fields(chain_ver, chunk, kind, offset, version);
+    let h = Header {
+        kind: if version == 0 {
+            kind::CLIENT_MUTATE
+        } else {
+            kind::CHAIN_MUTATE
+        },
+        req_id,
+        body_len: u32::try_from(MUTATE_FIELDS + data_len)
+            .expect("bodies are bounded by chunk size"),
+        body_crc: crc32c::crc32c_append(data_crc, &p),
+    };
+    let mut hb = [0u8; HEADER_SIZE];
+    h.encode(&mut hb);
+    (hb, p)
+}
+
+/// Appends a whole mutation frame built with `mutate_frame_parts`.
 #[allow(clippy::too_many_arguments)]
 pub fn encode_mutate(
     req_id: u64,
@@ -595,23 +630,19 @@ pub fn encode_mutate(
     data_crc: u32,
     out: &mut Vec<u8>,
 ) {
-    let p = mutate_prefix(chain_ver, chunk, kind, offset, version);
-    let body_len = MUTATE_PREFIX + data.len();
-    let h = Header {
-        kind: if version == 0 {
-            kind::CLIENT_MUTATE
-        } else {
-            kind::CHAIN_MUTATE
-        },
+    let (h, p) = mutate_frame_parts(
         req_id,
-        body_len: u32::try_from(body_len).expect("bodies are bounded by chunk size"),
-        body_crc: crc32c::crc32c_combine(crc32c::crc32c(&p), data_crc, data.len()),
-    };
-    let mut hb = [0u8; HEADER_SIZE];
-    h.encode(&mut hb);
-    out.extend_from_slice(&hb);
-    out.extend_from_slice(&p);
+        chain_ver,
+        chunk,
+        kind,
+        offset,
+        version,
+        data.len(),
+        data_crc,
+    );
+    out.extend_from_slice(&h);
     out.extend_from_slice(data);
+    out.extend_from_slice(&p);
 }
 
 /// Decodes one frame from the front of `buf`: `Ok(None)` when more bytes are needed,

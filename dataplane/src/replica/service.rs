@@ -29,8 +29,8 @@ use crate::engine::{Client, Engine};
 use crate::metrics as m;
 use crate::net::auth::{self, ClusterKey, ROLE_DIALER, ROLE_LISTENER};
 use crate::net::frame::{
-    check_mutate_crc, crc_of_4k_blocks, decode_frame_deferred, encode_mutate, kind, Header, Msg,
-    MutKind, Status, HEADER_SIZE, NONCE_SIZE,
+    check_mutate_crc, crc_of_4k_blocks, decode_frame_deferred, kind, mutate_frame_parts, Header,
+    Msg, MutKind, Status, HEADER_SIZE, NONCE_SIZE,
 };
 use crate::net::transport::{Link, Listener, Tcp, Transport};
 use crate::store::{
@@ -293,6 +293,8 @@ struct Conn {
     hs: Hs,
     rbuf: Vec<u8>,
     rlen: usize,
+    /// Start of the bytes not yet handled (`rbuf[rpos..rlen]`).
+    rpos: usize,
     wbuf: Vec<u8>,
     wpos: usize,
     /// The socket may have more bytes (edge-triggered readiness).
@@ -635,8 +637,11 @@ impl Net {
             gen: self.conn_gen,
             peer,
             hs,
-            rbuf: vec![0; HEADER_SIZE + self.body_max as usize],
+            // Room for two largest frames: the partial frame behind a handled one is
+            // moved to the front only when the buffer's end is reached.
+            rbuf: vec![0; 2 * (HEADER_SIZE + self.body_max as usize)],
             rlen: 0,
+            rpos: 0,
             wbuf: Vec::with_capacity(1 << 20),
             wpos: 0,
             readable: true,
@@ -837,6 +842,11 @@ impl Net {
                 let Some(Some(c)) = self.conns.get_mut(i) else {
                     return frames;
                 };
+                if c.rlen == c.rbuf.len() && c.rpos > 0 {
+                    c.rbuf.copy_within(c.rpos..c.rlen, 0);
+                    c.rlen -= c.rpos;
+                    c.rpos = 0;
+                }
                 if c.readable && c.rlen < c.rbuf.len() {
                     match c.sock.read(&mut c.rbuf[c.rlen..]) {
                         Ok(0) => {
@@ -877,10 +887,10 @@ impl Net {
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return (0, false);
         };
-        let mut rbuf = std::mem::take(&mut c.rbuf);
+        let rbuf = std::mem::take(&mut c.rbuf);
         let (rlen, gen) = (c.rlen, c.gen);
         c.stalled = false;
-        let mut pos = 0;
+        let mut pos = c.rpos;
         let mut n = 0;
         let mut stalled = false;
         let mut drop_why = None;
@@ -910,23 +920,22 @@ impl Net {
                 }
             }
         }
-        if pos > 0 {
-            // Only when a frame was consumed: a frame arrives in many reads, and moving
-            // its partial bytes on every read would copy it many times over.
-            rbuf.copy_within(pos..rlen, 0);
-        }
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return (n, false);
         };
         c.rbuf = rbuf;
-        c.rlen = rlen - pos;
+        if pos == rlen {
+            (c.rpos, c.rlen) = (0, 0);
+        } else {
+            c.rpos = pos;
+        }
         c.stalled = stalled;
         if let Some(why) = drop_why {
             self.engine.perf().global().inc(m::C_NET_BAD_FRAMES);
             tracing::warn!(peer = ?c.peer, reason = %why, "dropping connection");
             c.dead = true;
         }
-        (n, c.rlen > 0)
+        (n, c.rlen > c.rpos)
     }
 
     fn on_frame(
@@ -1495,25 +1504,45 @@ impl Net {
             self.want_down = true;
             return;
         }
-        // Encode straight into the connection; the crc is combined from the data's,
-        // computed when the data arrived, not recomputed.
+        // The crc comes from the data's, computed when it arrived. With nothing queued
+        // on the connection the frame goes to the socket straight from the DMA buffer
+        // (one gathered write); only what the socket does not take is copied.
         let max = self.opts.send_buffer_max;
+        let (hdr, fields) = mutate_frame_parts(
+            tag,
+            chain_ver,
+            &o.chunk,
+            o.mk,
+            o.offset,
+            o.version,
+            data.len(),
+            o.data_crc,
+        );
         if let Some(Some(c)) = self.conns.get_mut(ci as usize) {
             if c.wbuf.len() - c.wpos > max {
                 c.dead = true;
                 return;
             }
-            encode_mutate(
-                tag,
-                chain_ver,
-                &o.chunk,
-                o.mk,
-                o.offset,
-                o.version,
-                data,
-                o.data_crc,
-                &mut c.wbuf,
-            );
+            let mut sent = 0;
+            if c.wpos == c.wbuf.len() {
+                let parts = [
+                    std::io::IoSlice::new(&hdr),
+                    std::io::IoSlice::new(data),
+                    std::io::IoSlice::new(&fields),
+                ];
+                match c.sock.write_vectored(&parts) {
+                    Ok(n) => sent = n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => c.dead = true,
+                }
+            }
+            // Queue the rest, in frame order.
+            let mut skip = sent;
+            for part in [&hdr[..], data, &fields[..]] {
+                let k = skip.min(part.len());
+                c.wbuf.extend_from_slice(&part[k..]);
+                skip -= k;
+            }
         }
         self.ops[i as usize].down = Down::Sent { node: succ };
         self.ops[i as usize].retry_at = None;
