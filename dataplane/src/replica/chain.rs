@@ -227,9 +227,18 @@ pub fn next_table(prev: &ChainTable, h: &Health) -> Option<ChainTable> {
     for c in &mut t.chains {
         let before = c.targets.clone();
         let alive = |n: u32| h.alive.contains_key(&n);
+        // Syncs that finished at this chain version, first: a synced target holds
+        // every committed write, so it counts as serving when deaths are judged below
+        // (judged the other way round, a dead serving target would be kept as
+        // lastsrv although writes go on without it; found by tests/chain_sim.rs).
+        for x in &mut c.targets {
+            if x.state == Syncing && h.synced.contains(&(c.id, x.node, c.version)) {
+                x.state = Serving;
+            }
+        }
         // Deaths (and restarts, which hide one).
         let up = |n: u32| alive(n) && !restarted.contains(&n);
-        let serving_alive = c
+        let serving_up = c
             .targets
             .iter()
             .filter(|x| x.state == Serving && up(x.node))
@@ -237,8 +246,8 @@ pub fn next_table(prev: &ChainTable, h: &Health) -> Option<ChainTable> {
         for x in &mut c.targets {
             if !up(x.node) {
                 x.state = match x.state {
-                    Serving if serving_alive == 0 => Lastsrv,
-                    Lastsrv => Lastsrv,
+                    Serving if serving_up == 0 => Lastsrv,
+                    Lastsrv if serving_up == 0 => Lastsrv,
                     _ => Offline,
                 };
             }
@@ -252,12 +261,6 @@ pub fn next_table(prev: &ChainTable, h: &Health) -> Option<ChainTable> {
                 if x.state == Lastsrv {
                     x.state = if alive(x.node) { Serving } else { Offline };
                 }
-            }
-        }
-        // Syncs that finished at this chain version.
-        for x in &mut c.targets {
-            if x.state == Syncing && h.synced.contains(&(c.id, x.node, c.version)) {
-                x.state = Serving;
             }
         }
         let has_serving = c.targets.iter().any(|x| x.state == Serving);
