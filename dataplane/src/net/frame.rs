@@ -651,17 +651,13 @@ pub fn decode_frame(
     buf: &[u8],
     body_max: u32,
 ) -> Result<Option<(Header, Msg<'_>, usize)>, FrameError> {
-    let Some(hb) = buf.get(..HEADER_SIZE) else {
+    let Some((h, m, n, deferred)) = decode_frame_deferred(buf, body_max)? else {
         return Ok(None);
     };
-    let h = Header::decode(hb.try_into().expect("header size"), body_max)?;
-    let total = HEADER_SIZE + h.body_len as usize;
-    let Some(body) = buf.get(HEADER_SIZE..total) else {
-        return Ok(None);
-    };
-    h.check_body(body)?;
-    let m = Msg::decode(h.kind, body)?;
-    Ok(Some((h, m, total)))
+    if deferred {
+        h.check_body(&buf[HEADER_SIZE..n])?;
+    }
+    Ok(Some((h, m, n)))
 }
 
 #[cfg(test)]
