@@ -418,6 +418,10 @@ fn lost_node_is_replaced_and_chains_refilled() {
         }
         assert_eq!(copies, 2, "chunk {ch}: {copies} copies after refill");
     }
+    for i in 0..3 {
+        let (ok, out) = c.ready(i);
+        assert!(ok, "node {} not ready after the refill: {out}", i + 1);
+    }
     let _ = CHUNK;
 }
 

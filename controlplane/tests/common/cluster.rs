@@ -247,6 +247,23 @@ node_lost_after_s = {lost}
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+        // What a probe would ask agrees.
+        for i in 0..self.nodes.len() {
+            let (ok, out) = self.ready(i);
+            assert!(ok, "node {}: spool status --ready: {out}", i + 1);
+        }
+    }
+
+    /// `spool status --ready` for node i: (exit 0, output).
+    pub fn ready(&self, i: usize) -> (bool, String) {
+        let out = std::process::Command::new(SPOOL)
+            .args(["status", "--ready", "--socket"])
+            .arg(&self.nodes[i].socket)
+            .output()
+            .expect("run spool status");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
     }
 
     /// Status and log tails of every node, for failure messages.

@@ -55,6 +55,11 @@ enum Cmd {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// Exit 0 only if the node is ready to serve (for probes): no failed shard;
+        /// in a cluster also not fenced, a chain table installed, and every target of
+        /// this node serving (not syncing, waiting or offline).
+        #[arg(long)]
+        ready: bool,
     },
     /// Performance counters.
     Perf {
@@ -162,8 +167,21 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Status { socket, json } => {
+        Cmd::Status {
+            socket,
+            json,
+            ready,
+        } => {
             let v = ask(&socket, json!({"cmd": "status"}))?;
+            if ready {
+                return match not_ready(&v) {
+                    None => {
+                        println!("ready");
+                        Ok(())
+                    }
+                    Some(why) => anyhow::bail!("not ready: {why}"),
+                };
+            }
             if json {
                 print_json(&v);
             } else {
@@ -209,6 +227,50 @@ fn run(cli: Cli) -> Result<()> {
             cmd: BenchCmd::Cluster(b),
         } => bench_cluster::run(&b),
     }
+}
+
+/// Why a node is not ready to serve, if it is not.
+fn not_ready(v: &Value) -> Option<String> {
+    let failed: usize = v["engine"]["cores"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["failures"].as_array().map_or(0, Vec::len))
+        .sum();
+    if failed > 0 {
+        return Some(format!("{failed} failed shard(s); restart the daemon"));
+    }
+    let cl = &v["cluster"];
+    if !cl.is_object() {
+        return None;
+    }
+    if cl["agent"]["fenced"].as_bool() != Some(false) {
+        return Some("fenced: membership lease not confirmed".into());
+    }
+    if cl["table"]["chains"].as_u64().unwrap_or(0) == 0 {
+        return Some("no chain table yet".into());
+    }
+    let me = cl["agent"]["node_id"].as_u64();
+    let pending: Vec<String> = cl["table"]["my_chains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["state"].as_str() != Some("serving"))
+        .map(|c| {
+            format!(
+                "chain {} {}",
+                c["chain"],
+                c["state"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    if !pending.is_empty() {
+        return Some(format!(
+            "node {me:?} targets not serving: {}",
+            pending.join(", ")
+        ));
+    }
+    None
 }
 
 fn print_status(v: &Value) {
