@@ -33,6 +33,7 @@ pub const C_REPL_PROXIED: usize = 16;
 pub const C_SYNC_CHUNKS: usize = 17;
 pub const C_SYNC_BYTES: usize = 18;
 pub const C_SYNC_APPLIED: usize = 19;
+pub const C_NET_DIRECT_WRITES: usize = 20;
 
 pub const G_IN_FLIGHT: usize = 0;
 
@@ -81,6 +82,10 @@ pub static SCHEMA: Schema = Schema {
         MetricDef::new("sync_chunks_sent", "Whole chunks sent to a syncing replica"),
         MetricDef::new("sync_bytes_sent", "Bytes sent to syncing replicas"),
         MetricDef::new("sync_chunks_applied", "Whole chunks received and applied while syncing"),
+        MetricDef::new(
+            "net_direct_writes",
+            "Large writes received straight from the socket into a DMA buffer",
+        ),
     ],
     gauges: &[MetricDef::new(
         "chunk_ops_in_flight",

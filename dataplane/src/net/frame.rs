@@ -299,32 +299,13 @@ impl<'a> Msg<'a> {
                     return Err(r.bad("truncated"));
                 };
                 let data = &body[..split];
-                let mut r = Rd {
-                    b: &body[split..],
-                    kind,
-                };
-                let chain_ver = r.u64()?;
-                let chunk = r.chunk()?;
-                let mk = match r.u8()? {
-                    1 => MutKind::Write,
-                    2 => MutKind::Truncate,
-                    3 => MutKind::Delete,
-                    _ => return Err(r.bad("unknown mutation")),
-                };
-                let offset = r.u32()?;
-                let version = r.u64()?;
-                if (kind == kind::CHAIN_MUTATE) != (version != 0) {
-                    return Err(r.bad("only chain mutations carry a version"));
-                }
-                if (mk == MutKind::Write) == data.is_empty() {
-                    return Err(r.bad("writes and only writes carry data"));
-                }
+                let f = decode_mutate_fields(kind, &body[split..], !data.is_empty())?;
                 return Ok(Msg::Mutate {
-                    chain_ver,
-                    chunk,
-                    kind: mk,
-                    offset,
-                    version,
+                    chain_ver: f.chain_ver,
+                    chunk: f.chunk,
+                    kind: f.kind,
+                    offset: f.offset,
+                    version: f.version,
                     data,
                 });
             }
@@ -542,6 +523,53 @@ fn gf2_times(mat: &[u32; 32], mut vec: u32) -> u32 {
         i += 1;
     }
     sum
+}
+
+/// A mutation's fields (the data, if any, precedes them in the body).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MutateFields {
+    pub chain_ver: u64,
+    pub chunk: ChunkId,
+    pub kind: MutKind,
+    pub offset: u32,
+    pub version: u64,
+}
+
+/// Decodes and checks a mutation's trailing fields (`MUTATE_FIELDS` bytes) for a
+/// frame of `frame_kind` that carries data or not.
+pub fn decode_mutate_fields(
+    frame_kind: u8,
+    fields: &[u8],
+    has_data: bool,
+) -> Result<MutateFields, FrameError> {
+    let mut r = Rd {
+        b: fields,
+        kind: frame_kind,
+    };
+    let chain_ver = r.u64()?;
+    let chunk = r.chunk()?;
+    let kind = match r.u8()? {
+        1 => MutKind::Write,
+        2 => MutKind::Truncate,
+        3 => MutKind::Delete,
+        _ => return Err(r.bad("unknown mutation")),
+    };
+    let offset = r.u32()?;
+    let version = r.u64()?;
+    if (frame_kind == kind::CHAIN_MUTATE) != (version != 0) {
+        return Err(r.bad("only chain mutations carry a version"));
+    }
+    if (kind == MutKind::Write) != has_data {
+        return Err(r.bad("writes and only writes carry data"));
+    }
+    r.end()?;
+    Ok(MutateFields {
+        chain_ver,
+        chunk,
+        kind,
+        offset,
+        version,
+    })
 }
 
 /// Byte length of a mutation body's fields, which follow its data.

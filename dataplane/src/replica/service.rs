@@ -29,8 +29,9 @@ use crate::engine::{Client, Engine};
 use crate::metrics as m;
 use crate::net::auth::{self, ClusterKey, ROLE_DIALER, ROLE_LISTENER};
 use crate::net::frame::{
-    check_mutate_crc, crc_of_4k_blocks, decode_frame_deferred, kind, mutate_frame_parts, Header,
-    Msg, MutKind, Status, HEADER_SIZE, NONCE_SIZE,
+    check_mutate_crc, crc_of_4k_blocks, decode_frame_deferred, decode_mutate_fields, kind,
+    mutate_frame_parts, Header, Msg, MutKind, MutateFields, Status, HEADER_SIZE, MUTATE_FIELDS,
+    NONCE_SIZE,
 };
 use crate::net::transport::{Link, Listener, Tcp, Transport};
 use crate::store::{
@@ -284,6 +285,20 @@ enum Hs {
     Ready,
 }
 
+/// A write frame being received with its data going straight from the socket into
+/// the DMA buffer the device will write from (one copy less per hop). Its header is
+/// consumed; its fields (which follow the data) are read into the receive buffer.
+#[derive(Debug)]
+struct Direct {
+    h: Header,
+    buf: DmaBuf,
+    len: usize,
+    got: usize,
+}
+
+/// Writes at least this large are received directly into a DMA buffer.
+const DIRECT_MIN: usize = 64 << 10;
+
 #[derive(Debug)]
 struct Conn {
     sock: Box<dyn Link>,
@@ -295,6 +310,8 @@ struct Conn {
     rlen: usize,
     /// Start of the bytes not yet handled (`rbuf[rpos..rlen]`).
     rpos: usize,
+    /// A large write whose data is being read straight into a DMA buffer.
+    direct: Option<Direct>,
     wbuf: Vec<u8>,
     wpos: usize,
     /// The socket may have more bytes (edge-triggered readiness).
@@ -642,6 +659,7 @@ impl Net {
             rbuf: vec![0; 2 * (HEADER_SIZE + self.body_max as usize)],
             rlen: 0,
             rpos: 0,
+            direct: None,
             wbuf: Vec::with_capacity(1 << 20),
             wpos: 0,
             readable: true,
@@ -847,7 +865,23 @@ impl Net {
                     c.rlen -= c.rpos;
                     c.rpos = 0;
                 }
-                if c.readable && c.rlen < c.rbuf.len() {
+                if let Some(d) = c.direct.as_mut().filter(|d| d.got < d.len) {
+                    if c.readable {
+                        match c.sock.read(&mut d.buf.as_mut_slice()[d.got..d.len]) {
+                            Ok(0) => {
+                                c.dead = true;
+                                c.readable = false;
+                            }
+                            Ok(n) => d.got += n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(_) => {
+                                c.dead = true;
+                                c.readable = false;
+                            }
+                        }
+                    }
+                } else if c.readable && c.rlen < c.rbuf.len() {
                     match c.sock.read(&mut c.rbuf[c.rlen..]) {
                         Ok(0) => {
                             c.dead = true;
@@ -890,11 +924,38 @@ impl Net {
         let rbuf = std::mem::take(&mut c.rbuf);
         let (rlen, gen) = (c.rlen, c.gen);
         c.stalled = false;
+        let ready = matches!(c.hs, Hs::Ready);
+        let mut direct = c.direct.take();
         let mut pos = c.rpos;
         let mut n = 0;
         let mut stalled = false;
         let mut drop_why = None;
-        while pos < rlen {
+        // A direct write whose data has all arrived completes once its fields have.
+        if let Some(d) = direct.take() {
+            if d.got < d.len || rlen - pos < MUTATE_FIELDS {
+                direct = Some(d);
+            } else if self.free_ops.is_empty() {
+                direct = Some(d);
+                stalled = true;
+            } else {
+                match self.finish_direct(i as u32, gen, d, &rbuf[pos..pos + MUTATE_FIELDS]) {
+                    Ok(()) => {
+                        pos += MUTATE_FIELDS;
+                        n += 1;
+                        self.engine.perf().global().inc(m::C_NET_FRAMES_IN);
+                    }
+                    Err(why) => drop_why = Some(why.to_owned()),
+                }
+            }
+        }
+        while pos < rlen && direct.is_none() && !stalled && drop_why.is_none() {
+            if ready {
+                if let Some(d) = self.start_direct(&rbuf[pos..rlen]) {
+                    pos += HEADER_SIZE + d.got;
+                    direct = Some(d);
+                    break;
+                }
+            }
             match decode_frame_deferred(&rbuf[pos..rlen], self.body_max) {
                 Ok(None) => break,
                 Ok(Some((h, msg, len, deferred))) => {
@@ -924,6 +985,7 @@ impl Net {
             return (n, false);
         };
         c.rbuf = rbuf;
+        c.direct = direct;
         if pos == rlen {
             (c.rpos, c.rlen) = (0, 0);
         } else {
@@ -935,7 +997,67 @@ impl Net {
             tracing::warn!(peer = ?c.peer, reason = %why, "dropping connection");
             c.dead = true;
         }
-        (n, c.rlen > c.rpos)
+        (n, c.rlen > c.rpos || c.direct.is_some())
+    }
+
+    /// Starts receiving the write frame at the front of `buf` directly into a DMA
+    /// buffer, if it is a large write not yet wholly here and resources allow. The
+    /// data bytes already received are copied; the rest will be read in place.
+    fn start_direct(&mut self, buf: &[u8]) -> Option<Direct> {
+        let hb: &[u8; HEADER_SIZE] = buf.get(..HEADER_SIZE)?.try_into().ok()?;
+        // A bad header is left to the ordinary path, which reports it.
+        let h = Header::decode(hb, self.body_max).ok()?;
+        if !matches!(h.kind, kind::CLIENT_MUTATE | kind::CHAIN_MUTATE) {
+            return None;
+        }
+        let total = HEADER_SIZE + h.body_len as usize;
+        let len = (h.body_len as usize).checked_sub(MUTATE_FIELDS)?;
+        if buf.len() >= total
+            || len < DIRECT_MIN
+            || len > self.engine.pool().buf_size()
+            || self.free_ops.is_empty()
+        {
+            return None;
+        }
+        let mut b = self.client.buffer()?;
+        b.set_len(len);
+        let got = (buf.len() - HEADER_SIZE).min(len);
+        b.as_mut_slice()[..got].copy_from_slice(&buf[HEADER_SIZE..HEADER_SIZE + got]);
+        self.engine.perf().global().inc(m::C_NET_DIRECT_WRITES);
+        Some(Direct {
+            h,
+            buf: b,
+            len,
+            got,
+        })
+    }
+
+    /// A direct write's data and fields are here: check and apply it like any write.
+    fn finish_direct(
+        &mut self,
+        ci: u32,
+        gen: u32,
+        d: Direct,
+        fields: &[u8],
+    ) -> Result<(), &'static str> {
+        let Direct {
+            h, mut buf, len, ..
+        } = d;
+        let f = decode_mutate_fields(h.kind, fields, true).map_err(|_| "malformed write fields")?;
+        let crc = seal_and_crc(&mut buf, len);
+        if crc32c::crc32c_append(crc, fields) != h.body_crc {
+            return Err("body checksum mismatch");
+        }
+        match self.on_mutate(
+            (ci, gen, h.req_id),
+            h.kind == kind::CHAIN_MUTATE,
+            f,
+            Some((buf, crc, len)),
+        ) {
+            Flow::Next => Ok(()),
+            Flow::Stall => unreachable!("an op slot was checked free"),
+            Flow::Drop(why) => Err(why),
+        }
     }
 
     fn on_frame(
@@ -1007,17 +1129,17 @@ impl Net {
                 offset,
                 version,
                 data,
-            } => self.on_mutate(
-                (ci, gen, h.req_id),
-                h.kind == kind::CHAIN_MUTATE,
-                chain_ver,
-                chunk,
-                mk,
-                offset,
-                version,
-                data,
-                None,
-            ),
+            } => {
+                debug_assert!(data.is_empty(), "writes take the deferred path");
+                let f = MutateFields {
+                    chain_ver,
+                    chunk,
+                    kind: mk,
+                    offset,
+                    version,
+                };
+                self.on_mutate((ci, gen, h.req_id), h.kind == kind::CHAIN_MUTATE, f, None)
+            }
             Msg::Read {
                 chunk,
                 offset,
@@ -1232,49 +1354,50 @@ impl Net {
             self.reply(up, Status::BadRequest, 0, &[]);
             return Flow::Next;
         }
+        if self.free_ops.is_empty() {
+            return Flow::Stall;
+        }
         let Some(mut b) = self.client.buffer() else {
             return Flow::Stall;
         };
         b.set_len(data.len());
         b.as_mut_slice().copy_from_slice(data);
-        b.seal(data.len(), crc32c::crc32c);
-        let block = BLOCK_SIZE as usize;
-        let full = data.len() / block;
-        let mut crc = crc_of_4k_blocks((0..full).map(|k| b.block_crc(k)));
-        if data.len() % block != 0 {
-            let tail = &data[full * block..];
-            crc = crc32c::crc32c_combine(crc, crc32c::crc32c(tail), tail.len());
-        }
+        let crc = seal_and_crc(&mut b, data.len());
         if check_mutate_crc(h, &msg, crc).is_err() {
             return Flow::Drop("body checksum mismatch");
         }
-        self.on_mutate(
-            up,
-            h.kind == kind::CHAIN_MUTATE,
+        let f = MutateFields {
             chain_ver,
             chunk,
-            mk,
+            kind: mk,
             offset,
             version,
-            data,
-            Some((b, crc)),
-        )
+        };
+        let n = data.len();
+        self.on_mutate(up, h.kind == kind::CHAIN_MUTATE, f, Some((b, crc, n)))
     }
 
-    /// `sealed`: a write's data already in a sealed DMA buffer, with its crc32c.
-    #[allow(clippy::too_many_arguments)]
+    /// `sealed`: a write's data in a sealed DMA buffer, with its crc32c and length.
+    /// Callers check that an op slot is free first, so this never stalls while it
+    /// holds a buffer.
     fn on_mutate(
         &mut self,
         up: (u32, u32, u64),
         chained: bool,
-        chain_ver: u64,
-        chunk: ChunkId,
-        mk: MutKind,
-        offset: u32,
-        version: u64,
-        data: &[u8],
-        sealed: Option<(DmaBuf, u32)>,
+        f: MutateFields,
+        sealed: Option<(DmaBuf, u32, usize)>,
     ) -> Flow {
+        let MutateFields {
+            chain_ver,
+            chunk,
+            kind: mk,
+            offset,
+            version,
+        } = f;
+        let data: &[u8] = match &sealed {
+            Some((b, _, n)) => &b.as_slice()[..*n],
+            None => &[],
+        };
         let cs = self.engine.geometry().chunk_size;
         let bad = match mk {
             MutKind::Write => {
@@ -1330,8 +1453,9 @@ impl Net {
             self.reply(up, Status::NotServing, chain.version, &[]);
             return Flow::Next;
         }
+        let data_len = data.len();
         let (buf, data_crc) = match sealed {
-            Some((b, crc)) => (Some(b), crc),
+            Some((b, crc, _)) => (Some(b), crc),
             None if mk == MutKind::Write => {
                 self.reply(up, Status::BadRequest, 0, &[]);
                 return Flow::Next;
@@ -1347,7 +1471,7 @@ impl Net {
         o.chain = chain.id;
         o.mk = mk;
         o.offset = offset;
-        o.len = data.len() as u32;
+        o.len = data_len as u32;
         o.version = version;
         o.buf = buf;
         o.data_crc = data_crc;
@@ -2473,6 +2597,20 @@ impl SyncJob {
             reported: false,
         }
     }
+}
+
+/// Seals the first `len` bytes of `b` (a crc32c per 4 KiB block, which the device
+/// path needs) and returns the crc32c of those bytes, derived from the block crcs.
+fn seal_and_crc(b: &mut DmaBuf, len: usize) -> u32 {
+    b.seal(len, crc32c::crc32c);
+    let block = BLOCK_SIZE as usize;
+    let full = len / block;
+    let mut crc = crc_of_4k_blocks((0..full).map(|k| b.block_crc(k)));
+    if len % block != 0 {
+        let tail = &b.as_slice()[full * block..len];
+        crc = crc32c::crc32c_combine(crc, crc32c::crc32c(tail), tail.len());
+    }
+    crc
 }
 
 fn is_sync_kind(k: Kind) -> bool {
