@@ -331,6 +331,24 @@ fn failed_node_is_bypassed_then_resyncs() {
     for &ch in &chunks {
         write_retry(&mut c, ch, IO as u32, &pattern(ch, 2, IO));
     }
+    // A chunk truncated to nothing while the node is away (it becomes a delete; a
+    // length-0 chunk once made the resync loop forever).
+    let gone = ChunkId {
+        inode: 7,
+        index: 99,
+    };
+    write_retry(&mut c, gone, 0, &pattern(gone, 1, IO));
+    let r = c
+        .call(&Msg::Mutate {
+            chain_ver: 0,
+            chunk: gone,
+            kind: MutKind::Truncate,
+            offset: 0,
+            version: 0,
+            data: &[],
+        })
+        .unwrap();
+    assert_eq!(r.status, Status::Ok);
     // It comes back (same store, same address) and enters as syncing tail.
     nodes[2].replica = {
         let mut ro = ReplicaOptions::new(3, addr3, key());
@@ -395,6 +413,65 @@ fn failed_node_is_bypassed_then_resyncs() {
         }
         assert_eq!(&views[0].2[IO..2 * IO], &pattern(ch, 2, IO)[..]);
     }
+    for n in &nodes {
+        let (st, v, _) = read_local(n, gone, 4096);
+        assert_eq!(
+            (st, v),
+            (Status::Ok, 0),
+            "node {}: the truncated chunk is gone",
+            n.id
+        );
+    }
+}
+
+/// Two heads pipelining more writes at each other (chains [1,2] and [2,1]) than a
+/// node has buffers: a head's write holds its buffer until the other node acks, which
+/// needs a buffer there. Writes are admitted by role (tail, middle, client) so this
+/// must complete. (On this fast mem device the unprioritised version also completed
+/// here; a review reproduced the deadlock with a slower setup.)
+#[test]
+fn pipelined_writes_from_both_heads_do_not_deadlock() {
+    let nodes: Vec<Node> = (1..=2).map(|i| start_node(i, None)).collect();
+    let t = initial_table(&infos(&nodes), 2, 64);
+    install(&nodes, &t);
+    // 2 x 100 chunks of 256 KiB fit the 64 MiB devices; 100 in flight per head, more
+    // than the 64 buffers of a node.
+    let per_node = 100u32;
+    std::thread::scope(|s| {
+        for n in &nodes {
+            let t = &t;
+            s.spawn(move || {
+                let mut c = client(n);
+                // Chunks this node heads, one write each, all in flight at once.
+                let chunks: Vec<ChunkId> = (0..)
+                    .map(|i| ChunkId {
+                        inode: 500 + u64::from(n.id),
+                        index: i,
+                    })
+                    .filter(|ch| t.chain(t.chain_of(ch)).and_then(|c| c.head()) == Some(n.id))
+                    .take(per_node as usize)
+                    .collect();
+                for &ch in &chunks {
+                    let data = pattern(ch, 3, IO);
+                    c.send(&Msg::Mutate {
+                        chain_ver: 0,
+                        chunk: ch,
+                        kind: MutKind::Write,
+                        offset: 0,
+                        version: 0,
+                        data: &data,
+                    })
+                    .unwrap();
+                }
+                for _ in &chunks {
+                    let r = c
+                        .recv()
+                        .expect("a reply within the client timeout (no deadlock)");
+                    assert_eq!(r.status, Status::Ok);
+                }
+            });
+        }
+    });
 }
 
 /// A write whose data was damaged on the way (header intact, body crc wrong) is

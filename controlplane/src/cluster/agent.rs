@@ -76,14 +76,12 @@ impl Agent {
             lease: Arc::new(Mutex::new(None)),
         };
         replica.set_fenced(true);
-        let incarnation = rand::random::<u64>() | 1;
-        replica.set_incarnation(incarnation);
         let last_ok: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-        tokio::spawn(
-            agent
-                .clone()
-                .membership(cfg.clone(), incarnation, Arc::clone(&last_ok)),
-        );
+        tokio::spawn(agent.clone().membership(
+            cfg.clone(),
+            Arc::clone(&replica),
+            Arc::clone(&last_ok),
+        ));
         tokio::spawn(
             agent
                 .clone()
@@ -121,21 +119,28 @@ impl Agent {
     }
 
     /// Register under a lease and keep it alive; re-register when it is lost.
+    ///
+    /// Every registration is a new incarnation: a node whose lease lapsed may have
+    /// been declared down and its chains moved on while it still held an older table,
+    /// so it takes no client request until the leader has seen it return (and resynced
+    /// it) and a table carrying the new incarnation is installed.
     async fn membership(
         self,
         cfg: ClusterConfig,
-        incarnation: u64,
+        replica: Arc<Replica>,
         last_ok: Arc<Mutex<Option<Instant>>>,
     ) {
         let ttl_s = i64::from(cfg.lease_ttl_s);
         let beat = Duration::from_millis(u64::from(cfg.lease_ttl_s) * 1000 / 3);
         let key = format!("{}nodes/{}", self.prefix, cfg.node_id);
-        let info = serde_json::to_vec(&NodeInfo {
-            addr: cfg.listen.to_string(),
-            incarnation,
-        })
-        .expect("NodeInfo serializes");
         loop {
+            let incarnation = rand::random::<u64>() | 1;
+            replica.set_incarnation(incarnation);
+            let info = serde_json::to_vec(&NodeInfo {
+                addr: cfg.listen.to_string(),
+                incarnation,
+            })
+            .expect("NodeInfo serializes");
             let sent = Instant::now();
             let lease = match self.etcd.grant(ttl_s).await {
                 Ok(l) => l,

@@ -252,14 +252,17 @@ pub fn next_table(prev: &ChainTable, h: &Health) -> Option<ChainTable> {
                 };
             }
         }
-        // A lastsrv that is back serves again; then no other lastsrv is needed.
-        if c.targets
+        // A lastsrv that is back serves again, but only one: several may return
+        // together (a whole-cluster restart) and they can differ in writes that were
+        // never acknowledged; the others resync from it.
+        if let Some(first) = c
+            .targets
             .iter()
-            .any(|x| x.state == Lastsrv && alive(x.node))
+            .position(|x| x.state == Lastsrv && alive(x.node))
         {
-            for x in &mut c.targets {
+            for (k, x) in c.targets.iter_mut().enumerate() {
                 if x.state == Lastsrv {
-                    x.state = if alive(x.node) { Serving } else { Offline };
+                    x.state = if k == first { Serving } else { Offline };
                 }
             }
         }
@@ -293,7 +296,9 @@ pub fn next_table(prev: &ChainTable, h: &Health) -> Option<ChainTable> {
             Waiting | Lastsrv => 2,
             Offline => 3,
         });
-        if c.targets != before {
+        // A restarted member lost its in-flight state: requests stamped with the old
+        // chain version must be refused even when the targets look the same.
+        if c.targets != before || c.targets.iter().any(|x| restarted.contains(&x.node)) {
             c.version += 1;
         }
     }
@@ -457,6 +462,42 @@ mod tests {
         h.alive.get_mut(&1).unwrap().incarnation = 9;
         let t1 = next_table(&t0, &h).unwrap();
         assert!(t1.chains.iter().all(|c| c.state_of(1) == Some(Serving)));
+    }
+
+    #[test]
+    fn of_several_members_restarted_together_only_one_serves() {
+        let t0 = initial_table(&nodes(3), 3, 64);
+        let mut h = health(&[1, 2, 3]);
+        for n in [1, 2, 3] {
+            h.alive.get_mut(&n).unwrap().incarnation = 5;
+        }
+        let t1 = next_table(&t0, &h).unwrap();
+        for (a, c) in t0.chains.iter().zip(&t1.chains) {
+            assert_eq!(c.serving().count(), 1, "{c:?}");
+            assert!(
+                c.targets
+                    .iter()
+                    .all(|x| matches!(x.state, Serving | Syncing)),
+                "{c:?}"
+            );
+            assert!(c.version > a.version);
+        }
+        // Two lastsrv back in one step: one serves, the other syncs.
+        let t0 = initial_table(&nodes(2), 2, 64);
+        let t1 = next_table(&t0, &health(&[])).unwrap();
+        assert!(t1
+            .chains
+            .iter()
+            .all(|c| c.targets.iter().all(|x| x.state == Lastsrv)));
+        let t2 = next_table(&t1, &health(&[1, 2])).unwrap();
+        for c in &t2.chains {
+            assert_eq!(c.serving().count(), 1, "{c:?}");
+            assert_eq!(
+                c.targets.iter().filter(|x| x.state == Syncing).count(),
+                1,
+                "{c:?}"
+            );
+        }
     }
 
     #[test]

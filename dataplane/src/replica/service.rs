@@ -397,6 +397,9 @@ struct Op {
     read: bool,
     /// The device ring was full: submit again.
     resubmit: bool,
+    /// A mutation that has begun (numbered, sent down, submitted); before that it
+    /// only waits in its chunk's queue.
+    begun: bool,
     /// crc32c of a write's data (forwarding combines it into the frame's crc).
     data_crc: u32,
     /// When the op was created (relayed requests time out).
@@ -428,6 +431,7 @@ impl Op {
             orphan: false,
             read: false,
             resubmit: false,
+            begun: false,
             data_crc: 0,
             started: Instant::now(),
         }
@@ -471,7 +475,6 @@ struct SyncJob {
     todo: Vec<(ChunkId, Option<ChunkDigest>)>,
     next: usize,
     in_flight: usize,
-    deferred: usize,
     chunks_sent: u64,
     bytes_sent: u64,
     cancelled: bool,
@@ -501,6 +504,8 @@ struct Net {
     body_max: u32,
     /// Set when some op waits to be sent down or retried.
     want_down: bool,
+    /// Queued ops whose turn came, to start from the loop.
+    ready: Vec<u32>,
     last_tick: Instant,
     last_dial: Instant,
 }
@@ -548,6 +553,7 @@ impl Net {
             done: Vec::with_capacity(opts.ops_max * 2),
             body_max,
             want_down: false,
+            ready: Vec::with_capacity(opts.ops_max),
             last_tick: Instant::now(),
             last_dial: Instant::now(),
             opts,
@@ -577,6 +583,7 @@ impl Net {
         while !self.shared.stop.load(Ordering::Acquire) {
             let mut work = 0;
             work += self.reap_engine();
+            work += self.start_ready();
             if self.shared.table_version.load(Ordering::Acquire) != self.table.version {
                 self.on_table();
                 work += 1;
@@ -614,6 +621,7 @@ impl Net {
                 }
             }
             work += self.read_all();
+            work += self.start_ready();
             if self.want_down {
                 self.pump_down();
             }
@@ -1000,6 +1008,29 @@ impl Net {
         (n, c.rlen > c.rpos || c.direct.is_some())
     }
 
+    /// A buffer (and the promise of an op slot) for an incoming write, by priority,
+    /// so that chains cannot deadlock on buffers held across nodes: a tail's write
+    /// never waits for anyone and may take the last buffer; a write in the middle of a
+    /// chain waits only for tails and leaves a quarter; a client's write (at the head,
+    /// or being relayed there) waits for the whole chain and leaves half. Below its
+    /// share a write's connection waits (backpressure), and what holds buffers drains.
+    fn admit_write(&self, frame_kind: u8, tail: bool) -> Option<DmaBuf> {
+        let pool = self.engine.pool();
+        let (buffers, ops) = (pool.count(), self.opts.ops_max);
+        let keep = if frame_kind == kind::CLIENT_MUTATE {
+            2
+        } else if tail {
+            0
+        } else {
+            4
+        };
+        let floor = |total: usize| total.checked_div(keep).unwrap_or(0);
+        if pool.available() <= floor(buffers) || self.free_ops.len() <= floor(ops) {
+            return None;
+        }
+        self.client.buffer()
+    }
+
     /// Starts receiving the write frame at the front of `buf` directly into a DMA
     /// buffer, if it is a large write not yet wholly here and resources allow. The
     /// data bytes already received are copied; the rest will be read in place.
@@ -1019,7 +1050,8 @@ impl Net {
         {
             return None;
         }
-        let mut b = self.client.buffer()?;
+        // Not knowing yet whether this node is the tail: the middle's share.
+        let mut b = self.admit_write(h.kind, false)?;
         b.set_len(len);
         let got = (buf.len() - HEADER_SIZE).min(len);
         b.as_mut_slice()[..got].copy_from_slice(&buf[HEADER_SIZE..HEADER_SIZE + got]);
@@ -1119,7 +1151,8 @@ impl Net {
                 version,
                 data,
             } => {
-                self.on_reply(h.req_id, status, version, data);
+                let from = self.conns[ci as usize].as_ref().and_then(|c| c.peer);
+                self.on_reply(from, h.req_id, status, version, data);
                 Flow::Next
             }
             Msg::Mutate {
@@ -1246,8 +1279,20 @@ impl Net {
         }
         self.free_op(i);
         if next != NONE {
-            self.start(next);
+            // Started from the loop, not from here: a queue of ops that finish at once
+            // (say, deletes of a missing chunk) would otherwise recurse once per op.
+            self.ready.push(next);
         }
+    }
+
+    /// Starts the ops whose turn came (see `finish_queued`).
+    fn start_ready(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(i) = self.ready.pop() {
+            self.start(i);
+            n += 1;
+        }
+        n
     }
 
     // ---- engine ----------------------------------------------------------------------
@@ -1354,10 +1399,12 @@ impl Net {
             self.reply(up, Status::BadRequest, 0, &[]);
             return Flow::Next;
         }
-        if self.free_ops.is_empty() {
-            return Flow::Stall;
-        }
-        let Some(mut b) = self.client.buffer() else {
+        let tail = h.kind == kind::CHAIN_MUTATE
+            && self
+                .table
+                .chain(self.table.chain_of(&chunk))
+                .is_some_and(|c| c.successor(self.me()).is_none());
+        let Some(mut b) = self.admit_write(h.kind, tail) else {
             return Flow::Stall;
         };
         b.set_len(data.len());
@@ -1394,6 +1441,14 @@ impl Net {
             offset,
             version,
         } = f;
+        // A chunk truncated to nothing is deleted: a length-0 chunk with a version is
+        // indistinguishable from none to readers and would only confuse resync diffs.
+        let mk = if mk == MutKind::Truncate && offset == 0 {
+            MutKind::Delete
+        } else {
+            mk
+        };
+        let offset = if mk == MutKind::Delete { 0 } else { offset };
         let data: &[u8] = match &sealed {
             Some((b, _, n)) => &b.as_slice()[..*n],
             None => &[],
@@ -1526,6 +1581,7 @@ impl Net {
     }
 
     fn start_mutate(&mut self, i: u32, cur: u64) {
+        self.ops[i as usize].begun = true;
         let me = self.me();
         let o = &self.ops[i as usize];
         let (chunk, chain_id) = (o.chunk, o.chain);
@@ -1536,7 +1592,8 @@ impl Net {
         };
         if o.version == 0 {
             // Head: number it. Removing what does not exist changes nothing anywhere.
-            if o.mk != MutKind::Write && cur == 0 {
+            let floor = self.chunks.get(&chunk).map_or(0, |q| q.floor);
+            if o.mk != MutKind::Write && cur == 0 && floor == 0 {
                 let up = o.up;
                 self.reply(up, Status::Ok, 0, &[]);
                 return self.finish_queued(i);
@@ -1678,7 +1735,7 @@ impl Net {
         for i in 0..self.ops.len() as u32 {
             let o = &self.ops[i as usize];
             let wants = o.down == Down::Want || o.resubmit;
-            if o.kind == Kind::Mutate && o.in_queue && wants && !o.orphan {
+            if o.kind == Kind::Mutate && o.in_queue && wants && !o.orphan && o.begun {
                 let q = self.chunks.get(&o.chunk).map(|q| q.first);
                 if q == Some(i) {
                     if self.ops[i as usize].resubmit {
@@ -1757,13 +1814,16 @@ impl Net {
         self.finish_queued(i);
     }
 
-    fn on_reply(&mut self, req: u64, status: Status, version: u64, data: &[u8]) {
+    /// `from`: the node whose connection carried the reply.
+    fn on_reply(&mut self, from: Option<u32>, req: u64, status: Status, version: u64, data: &[u8]) {
         let Some(i) = self.op_of_tag(req) else {
             return; // An answer nobody waits for any more (op aborted or retried).
         };
         match self.ops[i as usize].kind {
             Kind::Mutate => {
-                if !matches!(self.ops[i as usize].down, Down::Sent { .. }) {
+                // Only the current successor's answer counts: a late one from a former
+                // successor speaks for its own, older chain.
+                if !matches!(self.ops[i as usize].down, Down::Sent { node } if Some(node) == from) {
                     return;
                 }
                 match status {
@@ -1946,7 +2006,7 @@ impl Net {
         // In-flight mutations: follow the new successor (or finish, if now the tail).
         for i in 0..self.ops.len() as u32 {
             let o = &self.ops[i as usize];
-            if o.kind != Kind::Mutate || o.orphan {
+            if o.kind != Kind::Mutate || o.orphan || !o.begun {
                 continue;
             }
             let Some(chain) = self.table.chain(o.chain) else {
@@ -1968,6 +2028,14 @@ impl Net {
                     } else {
                         Down::Done
                     };
+                    self.ops[i as usize].retry_at = None;
+                    self.want_down = true;
+                }
+                // Finished downstream but not yet here, and now there is a successor
+                // (a syncing tail just added): it must get this write too; if it has
+                // it already, it recognises the version.
+                Down::Done if succ.is_some() => {
+                    self.ops[i as usize].down = Down::Want;
                     self.ops[i as usize].retry_at = None;
                     self.want_down = true;
                 }
@@ -2152,6 +2220,7 @@ impl Net {
         self.free_op(i);
         let shard_count = self.engine.geometry().shard_count;
         let chains = self.table.chains.len() as u32;
+        let chunks = &self.chunks;
         let Some(job) = self.jobs.get_mut(j) else {
             return;
         };
@@ -2174,20 +2243,32 @@ impl Net {
             job.after = None;
         }
         if job.shard >= shard_count {
-            // Diff: send what differs or is missing there, delete what only it has.
+            // Diff: send what differs or is missing there, delete what only it has. A
+            // chunk of length 0 holds nothing and counts as absent on either side.
+            // After the first round, chunks with a write under way here are left out:
+            // their differences are that write, which is on its way down the chain
+            // (an earlier difference was sent in the first round), and a chunk written
+            // without pause would otherwise keep every round busy.
+            let busy =
+                |c: &ChunkId| job.round > 0 && chunks.get(c).is_some_and(|q| q.first != NONE);
             job.todo.clear();
-            for d in &job.local {
+            for d in job.local.iter().filter(|d| d.len > 0) {
+                if busy(&d.chunk) {
+                    job.remote.remove(&d.chunk);
+                    continue;
+                }
                 match job.remote.remove(&d.chunk) {
                     Some(r) if (r.len, r.version, r.crc) == (d.len, d.version, d.crc) => {}
                     _ => job.todo.push((d.chunk, Some(*d))),
                 }
             }
-            for (c, _) in job.remote.drain() {
-                job.todo.push((c, None));
+            for (c, r) in job.remote.drain() {
+                if r.len > 0 && !busy(&c) {
+                    job.todo.push((c, None));
+                }
             }
             job.local.clear();
             job.next = 0;
-            job.deferred = 0;
             job.phase = Phase::Send;
         }
     }
@@ -2197,17 +2278,18 @@ impl Net {
         while self.jobs[j].in_flight < self.opts.sync_window
             && self.jobs[j].next < self.jobs[j].todo.len()
         {
+            // A chunk with a write under way gets its copy queued behind that write
+            // (the chunk queue orders them), so the copy is of the state after it.
             let (chunk, d) = self.jobs[j].todo[self.jobs[j].next];
-            if self.chunk_busy(&chunk) {
-                // A write is on its way down the chain: compare again next round.
-                self.jobs[j].deferred += 1;
-                self.jobs[j].next += 1;
-                continue;
-            }
+            // One sync buffer is left for copies coming in: two nodes syncing to each
+            // other must not hold every buffer in copies going out.
             let buf = match d {
-                Some(d) if d.len > 0 => match self.sync_pool.alloc() {
-                    Some(b) => Some(b),
-                    None => break,
+                Some(d) if d.len > 0 => match self.sync_pool.available() > 1 {
+                    true => match self.sync_pool.alloc() {
+                        Some(b) => Some(b),
+                        None => break,
+                    },
+                    false => break,
                 },
                 _ => None,
             };
@@ -2228,7 +2310,7 @@ impl Net {
         }
         let job = &mut self.jobs[j];
         if job.next >= job.todo.len() && job.in_flight == 0 {
-            if job.todo.is_empty() && job.deferred == 0 {
+            if job.todo.is_empty() {
                 job.phase = Phase::Done;
                 if !job.reported {
                     job.reported = true;
@@ -2277,7 +2359,7 @@ impl Net {
 
     fn sync_send_read(&mut self, i: u32, r: Result<ChunkInfo, Error>, buf: Option<DmaBuf>) {
         match (r, buf) {
-            (Ok(info), Some(b)) if info.version > 0 => {
+            (Ok(info), Some(b)) if info.version > 0 && info.len > 0 => {
                 let len = (info.len as usize).min(b.len());
                 self.ops[i as usize].len = len as u32;
                 self.sync_send_put(i, info.version, &b.as_slice()[..len]);
@@ -2590,7 +2672,6 @@ impl SyncJob {
             todo: Vec::new(),
             next: 0,
             in_flight: 0,
-            deferred: 0,
             chunks_sent: 0,
             bytes_sent: 0,
             cancelled: false,
