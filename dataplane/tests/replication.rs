@@ -474,6 +474,31 @@ fn pipelined_writes_from_both_heads_do_not_deadlock() {
     });
 }
 
+/// A client write frame of `len` bytes of `pattern(chunk, seed, ..)`.
+fn write_frame(chunk: ChunkId, seed: u8, len: usize) -> Vec<u8> {
+    let data = pattern(chunk, seed, len);
+    let mut frame = Vec::new();
+    Msg::Mutate {
+        chain_ver: 0,
+        chunk,
+        kind: MutKind::Write,
+        offset: 0,
+        version: 0,
+        data: &data,
+    }
+    .encode(9, &mut frame);
+    frame
+}
+
+/// Sends a frame in two parts with a pause between, so a large write arrives
+/// incomplete and takes the direct receive path.
+fn send_in_two(c: &mut Client, frame: &[u8]) {
+    let cut = HEADER_SIZE + 1000;
+    c.send_raw(&frame[..cut]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    c.send_raw(&frame[cut..]).unwrap();
+}
+
 /// A write whose data was damaged on the way (header intact, body crc wrong) is
 /// dropped with its connection and counted, on both receive paths (small writes
 /// decoded from the receive buffer, large ones received straight into a DMA buffer),
@@ -487,24 +512,10 @@ fn damaged_write_data_never_reaches_the_store() {
             inode: 42,
             index: k,
         };
-        let data = pattern(chunk, 5, len);
-        let mut frame = Vec::new();
-        Msg::Mutate {
-            chain_ver: 0,
-            chunk,
-            kind: MutKind::Write,
-            offset: 0,
-            version: 0,
-            data: &data,
-        }
-        .encode(9, &mut frame);
+        let mut frame = write_frame(chunk, 5, len);
         frame[HEADER_SIZE + len / 2] ^= 0x10;
         let mut c = client(&nodes[0]);
-        // In two parts, so the large one arrives incomplete and takes the direct path.
-        let cut = HEADER_SIZE + 1000;
-        c.send_raw(&frame[..cut]).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        c.send_raw(&frame[cut..]).unwrap();
+        send_in_two(&mut c, &frame);
         assert!(c.recv().is_err(), "connection dropped ({len} bytes)");
         let r = client(&nodes[0]).read(chunk, 0, 4096, true).unwrap();
         assert_eq!(
@@ -526,21 +537,7 @@ fn damaged_write_data_never_reaches_the_store() {
             inode: 42,
             index: k,
         };
-        let data = pattern(chunk, 6, len);
-        let mut frame = Vec::new();
-        Msg::Mutate {
-            chain_ver: 0,
-            chunk,
-            kind: MutKind::Write,
-            offset: 0,
-            version: 0,
-            data: &data,
-        }
-        .encode(10, &mut frame);
-        let cut = HEADER_SIZE + 1000;
-        c.send_raw(&frame[..cut]).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        c.send_raw(&frame[cut..]).unwrap();
+        send_in_two(&mut c, &write_frame(chunk, 6, len));
         assert_eq!(c.recv().unwrap().status, Status::Ok);
         let (st, v, back) = read_local(&nodes[0], chunk, len as u32);
         assert_eq!((st, v), (Status::Ok, 1));

@@ -12,7 +12,7 @@
 //! buffer; payloads are copied once into a DMA buffer for the device and once into
 //! the successor's send buffer.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -875,34 +875,12 @@ impl Net {
                 }
                 if let Some(d) = c.direct.as_mut().filter(|d| d.got < d.len) {
                     if c.readable {
-                        match c.sock.read(&mut d.buf.as_mut_slice()[d.got..d.len]) {
-                            Ok(0) => {
-                                c.dead = true;
-                                c.readable = false;
-                            }
-                            Ok(n) => d.got += n,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(_) => {
-                                c.dead = true;
-                                c.readable = false;
-                            }
-                        }
+                        let into = &mut d.buf.as_mut_slice()[d.got..d.len];
+                        d.got += read_some(&mut *c.sock, into, &mut c.readable, &mut c.dead);
                     }
                 } else if c.readable && c.rlen < c.rbuf.len() {
-                    match c.sock.read(&mut c.rbuf[c.rlen..]) {
-                        Ok(0) => {
-                            c.dead = true;
-                            c.readable = false;
-                        }
-                        Ok(n) => c.rlen += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => {
-                            c.dead = true;
-                            c.readable = false;
-                        }
-                    }
+                    let into = &mut c.rbuf[c.rlen..];
+                    c.rlen += read_some(&mut *c.sock, into, &mut c.readable, &mut c.dead);
                 }
             }
             // Parse what is there.
@@ -2676,6 +2654,29 @@ impl SyncJob {
             bytes_sent: 0,
             cancelled: false,
             reported: false,
+        }
+    }
+}
+
+/// One non-blocking read into `into`: the bytes read; at end of stream or an error
+/// the connection is dead, at `WouldBlock` it is drained until the next readiness.
+fn read_some(sock: &mut dyn Link, into: &mut [u8], readable: &mut bool, dead: &mut bool) -> usize {
+    match sock.read(into) {
+        Ok(0) => {
+            *dead = true;
+            *readable = false;
+            0
+        }
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            *readable = false;
+            0
+        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+        Err(_) => {
+            *dead = true;
+            *readable = false;
+            0
         }
     }
 }
