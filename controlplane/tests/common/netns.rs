@@ -21,7 +21,8 @@
 //! half-removed slot of another process.
 //!
 //! Needs root, iproute2 (`ip`, `tc`), nftables (`nft`) and util-linux (`flock`). Plain
-//! std and no `unsafe` (the `spool` binary includes this file too and forbids unsafe).
+//! std and no FFI of its own (the `spool` binary includes this file too, and only
+//! ffi/ and hugepages/ may talk to C).
 //! Test support: failures panic with the command, its stderr and a hint; `Drop` never
 //! panics.
 #![allow(dead_code)]
@@ -645,8 +646,8 @@ fn disable_bridge_netfilter() {
 /// An exclusive flock on STATE_DIR/lock, released on drop or when this process dies.
 ///
 /// Held by a `flock(1)` child (`flock LOCK sh -c 'echo locked; exec cat'`) rather than
-/// by flock(2) here: this file is also compiled into the `spool` binary, which forbids
-/// `unsafe`. The child keeps the lock until its stdin (our pipe) closes, which also
+/// by flock(2) here: this file is also compiled into the `spool` binary, which makes
+/// no system calls of its own outside ffi/. The child keeps the lock until its stdin (our pipe) closes, which also
 /// happens if we are SIGKILLed.
 struct StateLock(Option<Child>);
 

@@ -400,7 +400,14 @@ impl<'a> Msg<'a> {
                 data,
             } => {
                 out.extend_from_slice(data);
-                out.extend_from_slice(&mutate_fields(*chain_ver, c, *kind, *offset, *version));
+                let f = MutateFields {
+                    chain_ver: *chain_ver,
+                    chunk: *c,
+                    kind: *kind,
+                    offset: *offset,
+                    version: *version,
+                };
+                out.extend_from_slice(&f.encode());
             }
             Msg::Read {
                 chunk: c,
@@ -575,40 +582,45 @@ pub fn decode_mutate_fields(
 /// Byte length of a mutation body's fields, which follow its data.
 pub const MUTATE_FIELDS: usize = 8 + 12 + 1 + 4 + 8;
 
-/// A mutation body's trailing fields.
-fn mutate_fields(
-    chain_ver: u64,
-    chunk: &ChunkId,
-    kind: MutKind,
-    offset: u32,
-    version: u64,
-) -> [u8; MUTATE_FIELDS] {
-    let mut p = [0u8; MUTATE_FIELDS];
-    p[0..8].copy_from_slice(&chain_ver.to_le_bytes());
-    p[8..16].copy_from_slice(&chunk.inode.to_le_bytes());
-    p[16..20].copy_from_slice(&chunk.index.to_le_bytes());
-    p[20] = kind as u8;
-    p[21..25].copy_from_slice(&offset.to_le_bytes());
-    p[25..33].copy_from_slice(&version.to_le_bytes());
-    p
+impl MutateFields {
+    /// The fields as they trail a mutation's data in its body.
+    pub fn encode(&self) -> [u8; MUTATE_FIELDS] {
+        let mut p = [0u8; MUTATE_FIELDS];
+        p[0..8].copy_from_slice(&self.chain_ver.to_le_bytes());
+        p[8..16].copy_from_slice(&self.chunk.inode.to_le_bytes());
+        p[16..20].copy_from_slice(&self.chunk.index.to_le_bytes());
+        p[20] = self.kind as u8;
+        p[21..25].copy_from_slice(&self.offset.to_le_bytes());
+        p[25..33].copy_from_slice(&self.version.to_le_bytes());
+        p
+    }
+
+    fn of(m: &Msg<'_>) -> Option<MutateFields> {
+        match *m {
+            Msg::Mutate {
+                chain_ver,
+                chunk,
+                kind,
+                offset,
+                version,
+                ..
+            } => Some(MutateFields {
+                chain_ver,
+                chunk,
+                kind,
+                offset,
+                version,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Checks a deferred mutation's body crc given the crc32c of its data: the data
 /// comes first in the body, so the body's crc is the data's extended over the fields.
 pub fn check_mutate_crc(h: &Header, m: &Msg<'_>, data_crc: u32) -> Result<(), FrameError> {
-    let Msg::Mutate {
-        chain_ver,
-        chunk,
-        kind,
-        offset,
-        version,
-        ..
-    } = m
-    else {
-        return Err(FrameError::BodyCrc);
-    };
-    let p = mutate_fields(*chain_ver, chunk, *kind, *offset, *version);
-    if crc32c::crc32c_append(data_crc, &p) != h.body_crc {
+    let f = MutateFields::of(m).ok_or(FrameError::BodyCrc)?;
+    if crc32c::crc32c_append(data_crc, &f.encode()) != h.body_crc {
         return Err(FrameError::BodyCrc);
     }
     Ok(())
@@ -617,20 +629,15 @@ pub fn check_mutate_crc(h: &Header, m: &Msg<'_>, data_crc: u32) -> Result<(), Fr
 /// A mutation frame's header and trailing fields, for data whose crc32c is already
 /// known (forwarding down a chain): the body crc extends it over the fields, without
 /// reading the data again. The frame is header, data, fields.
-#[allow(clippy::too_many_arguments)]
 pub fn mutate_frame_parts(
     req_id: u64,
-    chain_ver: u64,
-    chunk: &ChunkId,
-    kind: MutKind,
-    offset: u32,
-    version: u64,
+    f: &MutateFields,
     data_len: usize,
     data_crc: u32,
 ) -> ([u8; HEADER_SIZE], [u8; MUTATE_FIELDS]) {
-    let p = mutate_fields(chain_ver, chunk, kind, offset, version);
+    let p = f.encode();
     let h = Header {
-        kind: if version == 0 {
+        kind: if f.version == 0 {
             kind::CLIENT_MUTATE
         } else {
             kind::CHAIN_MUTATE
@@ -643,34 +650,6 @@ pub fn mutate_frame_parts(
     let mut hb = [0u8; HEADER_SIZE];
     h.encode(&mut hb);
     (hb, p)
-}
-
-/// Appends a whole mutation frame built with `mutate_frame_parts`.
-#[allow(clippy::too_many_arguments)]
-pub fn encode_mutate(
-    req_id: u64,
-    chain_ver: u64,
-    chunk: &ChunkId,
-    kind: MutKind,
-    offset: u32,
-    version: u64,
-    data: &[u8],
-    data_crc: u32,
-    out: &mut Vec<u8>,
-) {
-    let (h, p) = mutate_frame_parts(
-        req_id,
-        chain_ver,
-        chunk,
-        kind,
-        offset,
-        version,
-        data.len(),
-        data_crc,
-    );
-    out.extend_from_slice(&h);
-    out.extend_from_slice(data);
-    out.extend_from_slice(&p);
 }
 
 /// Decodes one frame from the front of `buf`: `Ok(None)` when more bytes are needed,
@@ -789,18 +768,15 @@ mod tests {
         };
         let mut plain = Vec::new();
         m.encode(77, &mut plain);
-        let mut combined = Vec::new();
-        encode_mutate(
-            77,
-            3,
-            &c,
-            MutKind::Write,
-            8192,
-            5,
-            &data,
-            crc32c::crc32c(&data),
-            &mut combined,
-        );
+        let f = MutateFields {
+            chain_ver: 3,
+            chunk: c,
+            kind: MutKind::Write,
+            offset: 8192,
+            version: 5,
+        };
+        let (h, p) = mutate_frame_parts(77, &f, data.len(), crc32c::crc32c(&data));
+        let combined = [&h[..], &data, &p].concat();
         assert_eq!(plain, combined);
         let (h, back, n, deferred) = decode_frame_deferred(&plain, 1 << 20).unwrap().unwrap();
         assert!(deferred);

@@ -1667,16 +1667,14 @@ impl Net {
         // on the connection the frame goes to the socket straight from the DMA buffer
         // (one gathered write); only what the socket does not take is copied.
         let max = self.opts.send_buffer_max;
-        let (hdr, fields) = mutate_frame_parts(
-            tag,
+        let f = MutateFields {
             chain_ver,
-            &o.chunk,
-            o.mk,
-            o.offset,
-            o.version,
-            data.len(),
-            o.data_crc,
-        );
+            chunk: o.chunk,
+            kind: o.mk,
+            offset: o.offset,
+            version: o.version,
+        };
+        let (hdr, fields) = mutate_frame_parts(tag, &f, data.len(), o.data_crc);
         if let Some(Some(c)) = self.conns.get_mut(ci as usize) {
             if c.wbuf.len() - c.wpos > max {
                 c.dead = true;
