@@ -294,7 +294,15 @@ struct Direct {
     buf: DmaBuf,
     len: usize,
     got: usize,
+    /// A peer that stops sending mid-write must not hold the buffer for ever.
+    since: Instant,
 }
+
+/// Idle chunks whose version this node remembers, at most.
+const CHUNK_CACHE_MAX: usize = 1 << 20;
+
+/// How long a write may take to arrive once its data started.
+const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Writes at least this large are received directly into a DMA buffer.
 const DIRECT_MIN: usize = 64 << 10;
@@ -1039,6 +1047,7 @@ impl Net {
             buf: b,
             len,
             got,
+            since: Instant::now(),
         })
     }
 
@@ -1252,6 +1261,11 @@ impl Net {
             q.first = next;
             if next == NONE {
                 q.last = NONE;
+                // Idle chunks keep their known version (saves a Stat on the next
+                // write) up to a bound; a version floor is never forgotten.
+                if q.floor == 0 && self.chunks.len() > CHUNK_CACHE_MAX {
+                    self.chunks.remove(&chunk);
+                }
             }
             self.ops[i as usize].in_queue = false;
         }
@@ -2572,6 +2586,13 @@ impl Net {
         for i in 0..self.conns.len() {
             if let Some(c) = &mut self.conns[i] {
                 if !matches!(c.hs, Hs::Ready) && c.since.elapsed() > HANDSHAKE_TIMEOUT {
+                    c.dead = true;
+                }
+                if c.direct
+                    .as_ref()
+                    .is_some_and(|d| d.since.elapsed() > DIRECT_TIMEOUT)
+                {
+                    tracing::warn!(peer = ?c.peer, "a write stopped arriving half way: dropping the connection");
                     c.dead = true;
                 }
             }
