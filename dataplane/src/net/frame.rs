@@ -595,7 +595,8 @@ impl MutateFields {
         p
     }
 
-    fn of(m: &Msg<'_>) -> Option<MutateFields> {
+    /// The fields of a mutation message (`None` for other messages).
+    pub fn of(m: &Msg<'_>) -> Option<MutateFields> {
         match *m {
             Msg::Mutate {
                 chain_ver,

@@ -399,7 +399,10 @@ struct Op {
     status: Status,
     /// A proxied request's target node.
     via: u32,
-    /// Abandoned: its answer is no longer wanted (engine I/O may still be running).
+    /// A mutation this node numbered as the chain's head.
+    numbered_here: bool,
+    /// Given up: its answer is no longer wanted and it is not passed on; its device
+    /// I/O, if any, still finishes before the op is freed.
     orphan: bool,
     /// A relayed read (not a mutation).
     read: bool,
@@ -436,6 +439,7 @@ impl Op {
             shard: 0,
             status: Status::Ok,
             via: NONE,
+            numbered_here: false,
             orphan: false,
             read: false,
             resubmit: false,
@@ -1142,22 +1146,9 @@ impl Net {
                 self.on_reply(from, h.req_id, status, version, data);
                 Flow::Next
             }
-            Msg::Mutate {
-                chain_ver,
-                chunk,
-                kind: mk,
-                offset,
-                version,
-                data,
-            } => {
+            Msg::Mutate { data, .. } => {
                 debug_assert!(data.is_empty(), "writes take the deferred path");
-                let f = MutateFields {
-                    chain_ver,
-                    chunk,
-                    kind: mk,
-                    offset,
-                    version,
-                };
+                let f = MutateFields::of(&msg).expect("a mutation");
                 self.on_mutate((ci, gen, h.req_id), h.kind == kind::CHAIN_MUTATE, f, None)
             }
             Msg::Read {
@@ -1277,6 +1268,15 @@ impl Net {
         }
     }
 
+    /// Frees a given-up mutation once its device I/O is over. What it did to the
+    /// chunk here is not known any more: the next op asks the store again.
+    fn finish_orphan(&mut self, i: u32) {
+        if let Some(q) = self.chunks.get_mut(&self.ops[i as usize].chunk) {
+            q.version = None;
+        }
+        self.finish_queued(i);
+    }
+
     /// Starts the ops whose turn came (see `finish_queued`).
     fn start_ready(&mut self) -> usize {
         let mut n = 0;
@@ -1313,11 +1313,7 @@ impl Net {
             };
             self.ops[i as usize].local = Local::Done;
             if self.ops[i as usize].orphan {
-                if self.ops[i as usize].in_queue {
-                    self.finish_queued(i);
-                } else {
-                    self.free_op(i);
-                }
+                self.finish_orphan(i);
                 continue;
             }
             self.on_engine(i, c);
@@ -1372,17 +1368,10 @@ impl Net {
     /// buffer and is sealed (a crc per 4 KiB block, which the device path needs); the
     /// frame's crc is then combined from those, so the bytes are checksummed once.
     fn on_mutate_frame(&mut self, ci: u32, gen: u32, h: &Header, msg: Msg<'_>) -> Flow {
-        let Msg::Mutate {
-            chain_ver,
-            chunk,
-            kind: mk,
-            offset,
-            version,
-            data,
-        } = msg
-        else {
+        let (Some(f), Msg::Mutate { data, .. }) = (MutateFields::of(&msg), &msg) else {
             return Flow::Drop("deferred crc on a frame that is not a write");
         };
+        let data: &[u8] = data;
         let up = (ci, gen, h.req_id);
         if data.len() > self.engine.pool().buf_size() {
             if check_mutate_crc(h, &msg, crc32c::crc32c(data)).is_err() {
@@ -1394,7 +1383,7 @@ impl Net {
         let tail = h.kind == kind::CHAIN_MUTATE
             && self
                 .table
-                .chain(self.table.chain_of(&chunk))
+                .chain(self.table.chain_of(&f.chunk))
                 .is_some_and(|c| c.successor(self.me()).is_none());
         let Some(mut b) = self.admit_write(h.kind, tail) else {
             return Flow::Stall;
@@ -1405,13 +1394,6 @@ impl Net {
         if check_mutate_crc(h, &msg, crc).is_err() {
             return Flow::Drop("body checksum mismatch");
         }
-        let f = MutateFields {
-            chain_ver,
-            chunk,
-            kind: mk,
-            offset,
-            version,
-        };
         let n = data.len();
         self.on_mutate(up, h.kind == kind::CHAIN_MUTATE, f, Some((b, crc, n)))
     }
@@ -1596,6 +1578,7 @@ impl Net {
             }
             let floor = self.chunks.get(&chunk).map_or(0, |q| q.floor);
             self.ops[i as usize].version = cur.max(floor) + 1;
+            self.ops[i as usize].numbered_here = true;
         }
         let o = &mut self.ops[i as usize];
         let version = o.version;
@@ -1725,7 +1708,7 @@ impl Net {
         for i in 0..self.ops.len() as u32 {
             let o = &self.ops[i as usize];
             let wants = o.down == Down::Want || o.resubmit;
-            if o.kind == Kind::Mutate && o.in_queue && wants && !o.orphan && o.begun {
+            if o.kind == Kind::Mutate && o.in_queue && wants && o.begun && !o.orphan {
                 let q = self.chunks.get(&o.chunk).map(|q| q.first);
                 if q == Some(i) {
                     if self.ops[i as usize].resubmit {
@@ -1996,7 +1979,7 @@ impl Net {
         // In-flight mutations: follow the new successor (or finish, if now the tail).
         for i in 0..self.ops.len() as u32 {
             let o = &self.ops[i as usize];
-            if o.kind != Kind::Mutate || o.orphan || !o.begun {
+            if o.kind != Kind::Mutate || !o.begun || o.orphan {
                 continue;
             }
             let Some(chain) = self.table.chain(o.chain) else {
@@ -2007,6 +1990,23 @@ impl Net {
                 Some(TargetState::Serving | TargetState::Syncing)
             );
             let succ = chain.successor(me);
+            if o.numbered_here && chain.head() != Some(me) {
+                // Numbered here as head, and this node no longer heads the chain (it
+                // was declared down or restarted and will be resynced): the new head
+                // never saw this write, so completing it here, say as the new tail,
+                // would acknowledge bytes the chain does not hold. Give it up: its
+                // outcome is unknown to the client; where it reached other replicas
+                // the new chain carries it, and this node's copy is replaced by the
+                // resync.
+                let up = o.up;
+                self.reply(up, Status::Unknown, 0, &[]);
+                let o = &mut self.ops[i as usize];
+                (o.up, o.orphan, o.down) = ((NONE, 0, 0), true, Down::Done);
+                if o.local != Local::Running {
+                    self.finish_orphan(i);
+                }
+                continue;
+            }
             match o.down {
                 Down::Sent { node } if Some(node) == succ => {
                     // Same successor; if it saw the old version it answers StaleChain
