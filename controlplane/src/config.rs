@@ -602,14 +602,6 @@ impl Config {
         self.mount.check(&mut p);
         if let Some(c) = &self.cluster {
             c.check(&mut p);
-            if self.mount.mountpoint.is_some() {
-                p.push(
-                    "mount.mountpoint: cannot be set with [cluster] yet (the cluster-wide \
-                     namespace is not built; a node-local mount would share the inode space \
-                     with replicated chunks)"
-                        .to_owned(),
-                );
-            }
         }
         // Each FUSE thread holds up to two buffers while it waits for more.
         let need = 2 * self.mount.threads + 8;

@@ -40,6 +40,13 @@ pub enum Error {
     Busy,
     #[error("dataplane is shutting down")]
     Shutdown,
+    /// A chunk op sent through the cluster failed (or its outcome is unknown).
+    #[error("cluster: {0}")]
+    Cluster(String),
+    /// A conditional write was refused: its chain moved to another version (the
+    /// writer's authority over it may have passed to another node).
+    #[error("chain version {expected} is stale (now {current})")]
+    StaleChain { expected: u64, current: u64 },
     #[error("{0}")]
     Ffi(#[from] spool_ffi::Error),
     #[error("{0}")]

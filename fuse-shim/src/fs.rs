@@ -16,7 +16,8 @@ use fuser::{
 
 use crate::error::Error;
 use crate::meta::record::{InodeRec, Kind, NAME_MAX_BYTES};
-use crate::meta::{now_ns, Namespace, NewNode};
+use crate::meta::{now_ns, NewNode};
+use crate::ops::{NsOps, SetAttr};
 
 /// Largest FUSE request payload (= the kernel's `max_pages_limit` of 256 pages and the
 /// DMA buffer size): one write becomes at most two chunk ops.
@@ -37,7 +38,7 @@ pub struct FsOptions {
 
 #[derive(Debug)]
 pub struct SpoolFs {
-    ns: Arc<Namespace>,
+    ns: Arc<dyn NsOps>,
     opts: FsOptions,
 }
 
@@ -96,7 +97,7 @@ fn err(e: &Error) -> Errno {
 }
 
 impl SpoolFs {
-    pub fn new(ns: Arc<Namespace>, opts: FsOptions) -> SpoolFs {
+    pub fn new(ns: Arc<dyn NsOps>, opts: FsOptions) -> SpoolFs {
         SpoolFs { ns, opts }
     }
 
@@ -233,26 +234,15 @@ impl Filesystem for SpoolFs {
             || mtime.is_some()
             || ctime.is_some()
         {
-            self.ns.update(ino, |r| {
-                let now = now_ns();
-                if let Some(m) = mode {
-                    r.perm = (m & 0o7777) as u16;
-                }
-                if let Some(u) = uid {
-                    r.uid = u;
-                }
-                if let Some(g) = gid {
-                    r.gid = g;
-                }
-                if let Some(a) = atime {
-                    r.atime_ns = t(a);
-                }
-                if let Some(m) = mtime {
-                    r.mtime_ns = t(m);
-                }
-                r.ctime_ns = ctime.map(from_time).unwrap_or(now);
-                Ok(())
-            })
+            let a = SetAttr {
+                perm: mode.map(|m| (m & 0o7777) as u16),
+                uid,
+                gid,
+                atime_ns: atime.map(t),
+                mtime_ns: mtime.map(t),
+                ctime_ns: ctime.map(from_time),
+            };
+            self.ns.setattr(ino, &a)
         } else {
             self.ns.getattr(ino)
         };
@@ -401,7 +391,7 @@ impl Filesystem for SpoolFs {
         reply: ReplyData,
     ) {
         let mut reply = Some(reply);
-        let r = self.ns.read(ino.0, offset, size, |data| {
+        let r = self.ns.read(ino.0, offset, size, &mut |data| {
             if let Some(rp) = reply.take() {
                 rp.data(data);
             }
@@ -539,11 +529,14 @@ impl Filesystem for SpoolFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let s = self.ns.io.engine().status();
+        let s = match self.ns.statfs() {
+            Ok(s) => s,
+            Err(e) => return reply.error(err(&e)),
+        };
         let frsize = 4096u64;
         let blocks = s.capacity_bytes / frsize;
         let free = s.capacity_bytes.saturating_sub(s.used_bytes) / frsize;
-        let files = self.ns.status().inodes;
+        let files = s.inodes;
         reply.statfs(
             blocks,
             free,

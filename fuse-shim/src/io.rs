@@ -4,11 +4,17 @@
 //! A `Client` is single-threaded but may move between threads (it records the waiting
 //! thread at each wait), so FUSE threads borrow one from a lock-free pool per request.
 
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use spool_dataplane::engine::{Client, Engine};
+use spool_dataplane::net::client::Client as NetClient;
+use spool_dataplane::net::{ClusterKey, Msg, MutKind, Status};
+use spool_dataplane::replica::chain::NAMESPACE_INODE_BIT;
 use spool_dataplane::store::{ChunkInfo, ChunkOp, ShardCompletion};
 use spool_dataplane::Error as DpError;
 use spool_hugepages::DmaBuf;
@@ -27,6 +33,8 @@ const CLIENTS_POOLED_MAX: usize = 64;
 pub struct ChunkIo {
     engine: Arc<Engine>,
     clients: ArrayQueue<Client>,
+    /// Cluster mode: ops go through this node's replication service instead.
+    remote: Option<Remote>,
     pub chunk_size: u32,
     /// Bytes one DMA buffer holds (the largest single chunk op).
     pub io_size_max: u32,
@@ -43,8 +51,32 @@ impl ChunkIo {
         ChunkIo {
             engine,
             clients: ArrayQueue::new(CLIENTS_POOLED_MAX),
+            remote: None,
             chunk_size,
             io_size_max: io_size_max.min(chunk_size),
+        }
+    }
+
+    /// Cluster mode: every op goes to the replication service listening at `addr`
+    /// (this node's), which routes it to the chain holding the chunk, so writes are on
+    /// every replica before they complete and reads see the committed state wherever
+    /// it was written. Buffers still come from the local pool.
+    pub fn cluster(engine: Arc<Engine>, addr: SocketAddr, key: ClusterKey) -> ChunkIo {
+        let mut io = ChunkIo::new(engine);
+        io.remote = Some(Remote {
+            addr,
+            key,
+            conns: ArrayQueue::new(CLIENTS_POOLED_MAX),
+            fence: AtomicU64::new(0),
+        });
+        io
+    }
+
+    /// Makes writes of namespace chunks conditional on their chain's version
+    /// (0: unconditional). A refused one fails with `DpError::StaleChain`.
+    pub fn set_fence(&self, chain_ver: u64) {
+        if let Some(r) = &self.remote {
+            r.fence.store(chain_ver, Ordering::Release);
         }
     }
 
@@ -68,6 +100,9 @@ impl ChunkIo {
     /// Runs `ops` (pipelined, at most `CLIENT_INFLIGHT_MAX` in flight) and returns
     /// their outcomes in the same order.
     pub fn run(&self, ops: Vec<ChunkOp>) -> Vec<OpResult> {
+        if let Some(r) = &self.remote {
+            return r.run(ops);
+        }
         let mut client = self
             .clients
             .pop()
@@ -122,5 +157,237 @@ impl ChunkIo {
     /// Runs one op.
     pub fn run_one(&self, op: ChunkOp) -> OpResult {
         self.run(vec![op]).pop().expect("one result")
+    }
+}
+
+/// Ops sent through the cluster transport. Each thread borrows a connection to this
+/// node's replication service; ops of one call are pipelined on it.
+#[derive(Debug)]
+struct Remote {
+    addr: SocketAddr,
+    key: ClusterKey,
+    conns: ArrayQueue<NetClient>,
+    fence: AtomicU64,
+}
+
+/// How long an op that certainly did not happen (no head yet, a chain changing, a
+/// full queue) is retried: a failover takes a lease period plus a table round.
+const REMOTE_RETRY_FOR: Duration = Duration::from_secs(20);
+const REMOTE_RETRY_PAUSE: Duration = Duration::from_millis(50);
+const REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Remote {
+    fn connect(&self) -> Result<NetClient, DpError> {
+        if let Some(c) = self.conns.pop() {
+            return Ok(c);
+        }
+        NetClient::connect(self.addr, &self.key, REMOTE_TIMEOUT)
+            .map_err(|e| DpError::Cluster(format!("connecting to the local node: {e}")))
+    }
+
+    /// The chain version a mutation is conditional on (0: none): set for namespace
+    /// chunks while this node owns the namespace.
+    fn fence_of(&self, op: &ChunkOp) -> u64 {
+        let chunk = match op {
+            ChunkOp::Write { chunk, .. }
+            | ChunkOp::Truncate { chunk, .. }
+            | ChunkOp::Delete { chunk } => chunk,
+            _ => return 0,
+        };
+        match chunk.inode & NAMESPACE_INODE_BIT {
+            0 => 0,
+            _ => self.fence.load(Ordering::Acquire),
+        }
+    }
+
+    fn msg<'a>(&self, op: &'a ChunkOp) -> Msg<'a> {
+        let chain_ver = self.fence_of(op);
+        let mutate = |chunk, kind, offset, data| Msg::Mutate {
+            chain_ver,
+            chunk,
+            kind,
+            offset,
+            version: 0,
+            data,
+        };
+        match op {
+            ChunkOp::Write {
+                chunk,
+                offset,
+                len,
+                buf,
+            } => mutate(
+                *chunk,
+                MutKind::Write,
+                *offset,
+                &buf.as_slice()[..*len as usize],
+            ),
+            ChunkOp::Truncate { chunk, len } => mutate(*chunk, MutKind::Truncate, *len, &[]),
+            ChunkOp::Delete { chunk } => mutate(*chunk, MutKind::Delete, 0, &[]),
+            ChunkOp::Read {
+                chunk, offset, len, ..
+            } => Msg::Read {
+                chunk: *chunk,
+                offset: *offset,
+                len: *len,
+                local: false,
+            },
+            ChunkOp::Stat { chunk } => Msg::Stat {
+                chunk: *chunk,
+                local: false,
+            },
+            other => unreachable!("no cluster form for {other:?}"),
+        }
+    }
+
+    /// The outcome of `op` given its reply, or `None` to send it again (after a pause).
+    fn finish(
+        &self,
+        op: &mut Option<ChunkOp>,
+        rep: spool_dataplane::net::client::Reply,
+        retry_until: &mut Option<Instant>,
+    ) -> Option<OpResult> {
+        let fence = self.fence_of(op.as_ref().expect("op in flight"));
+        let err =
+            |op: &mut Option<ChunkOp>, e| Some((Err(e), op.take().and_then(ChunkOp::into_buf)));
+        match rep.status {
+            Status::Ok => {
+                let mut op = op.take().expect("op in flight");
+                let len = match (&mut op, rep.data.len()) {
+                    (ChunkOp::Read { buf, len, .. }, k) if k == *len as usize => {
+                        buf.as_mut_slice()[..k].copy_from_slice(&rep.data);
+                        *len
+                    }
+                    (ChunkOp::Read { .. }, k) => {
+                        let e = DpError::Cluster(format!("a read returned {k} bytes"));
+                        return Some((Err(e), op.into_buf()));
+                    }
+                    (ChunkOp::Stat { .. }, 4) => {
+                        u32::from_le_bytes(rep.data[..4].try_into().expect("4 bytes"))
+                    }
+                    _ => 0,
+                };
+                let info = ChunkInfo {
+                    len,
+                    version: rep.version,
+                };
+                Some((Ok(info), op.into_buf()))
+            }
+            Status::StaleChain if fence != 0 => err(
+                op,
+                DpError::StaleChain {
+                    expected: fence,
+                    current: rep.version,
+                },
+            ),
+            st if st.not_done() => {
+                let until = *retry_until.get_or_insert_with(|| Instant::now() + REMOTE_RETRY_FOR);
+                if Instant::now() >= until {
+                    return err(
+                        op,
+                        DpError::Cluster(format!("{st:?} for {REMOTE_RETRY_FOR:?}")),
+                    );
+                }
+                std::thread::sleep(REMOTE_RETRY_PAUSE);
+                None
+            }
+            st => err(op, DpError::Cluster(format!("{st:?}"))),
+        }
+    }
+
+    fn run(&self, ops: Vec<ChunkOp>) -> Vec<OpResult> {
+        let n = ops.len();
+        let mut ops: Vec<Option<ChunkOp>> = ops.into_iter().map(Some).collect();
+        let mut results: Vec<Option<OpResult>> = (0..n).map(|_| None).collect();
+        let mut todo: VecDeque<usize> = (0..n).collect();
+        let mut inflight: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut retry_until: Vec<Option<Instant>> = vec![None; n];
+        let mut conn: Option<NetClient> = None;
+        let mut link_retry_until: Option<Instant> = None;
+        let fail = |ops: &mut Vec<Option<ChunkOp>>,
+                    results: &mut Vec<Option<OpResult>>,
+                    i: usize,
+                    e: DpError| {
+            let buf = ops[i].take().and_then(ChunkOp::into_buf);
+            results[i] = Some((Err(e), buf));
+        };
+        while !todo.is_empty() || !inflight.is_empty() {
+            if conn.is_none() {
+                match self.connect() {
+                    Ok(c) => conn = Some(c),
+                    Err(e) => {
+                        for i in todo
+                            .drain(..)
+                            .chain(std::mem::take(&mut inflight).into_values())
+                        {
+                            fail(&mut ops, &mut results, i, DpError::Cluster(e.to_string()));
+                        }
+                        break;
+                    }
+                }
+            }
+            let c = conn.as_mut().expect("connected");
+            let mut broken = false;
+            while inflight.len() < CLIENT_INFLIGHT_MAX {
+                let Some(i) = todo.pop_front() else { break };
+                let msg = self.msg(ops[i].as_ref().expect("op not finished"));
+                match c.send(&msg) {
+                    Ok(id) => {
+                        inflight.insert(id, i);
+                    }
+                    Err(_) => {
+                        todo.push_front(i);
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            if !broken && !inflight.is_empty() {
+                match c.recv() {
+                    Ok(rep) => match inflight.remove(&rep.req_id) {
+                        Some(i) => {
+                            let retry = &mut retry_until[i];
+                            match self.finish(&mut ops[i], rep, retry) {
+                                Some(r) => results[i] = Some(r),
+                                None => todo.push_back(i),
+                            }
+                        }
+                        // A reply to nothing we asked: drop the link.
+                        None => broken = true,
+                    },
+                    Err(_) => broken = true,
+                }
+            }
+            if broken {
+                conn = None;
+                // What was in flight on the broken link: reads are asked again; a
+                // mutation's outcome is unknown.
+                for (_, i) in std::mem::take(&mut inflight) {
+                    let op = ops[i].as_ref().expect("op in flight");
+                    if matches!(op, ChunkOp::Read { .. } | ChunkOp::Stat { .. }) {
+                        todo.push_back(i);
+                    } else {
+                        let e = DpError::Cluster("connection lost; outcome unknown".into());
+                        fail(&mut ops, &mut results, i, e);
+                    }
+                }
+                let until =
+                    *link_retry_until.get_or_insert_with(|| Instant::now() + REMOTE_RETRY_FOR);
+                if Instant::now() >= until {
+                    for i in todo.drain(..) {
+                        let e = DpError::Cluster("the local node does not answer".into());
+                        fail(&mut ops, &mut results, i, e);
+                    }
+                }
+                std::thread::sleep(REMOTE_RETRY_PAUSE);
+            }
+        }
+        if let Some(c) = conn {
+            let _ = self.conns.push(c);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every op finished"))
+            .collect()
     }
 }

@@ -12,7 +12,7 @@ use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 
 use crate::error::{Error, Result};
 use crate::fs::{FsOptions, SpoolFs};
-use crate::meta::Namespace;
+use crate::ops::NsOps;
 
 /// How to mount.
 #[derive(Clone, Debug)]
@@ -33,7 +33,7 @@ pub struct MountOptions {
 pub struct Mounted {
     session: Option<BackgroundSession>,
     mountpoint: PathBuf,
-    ns: Arc<Namespace>,
+    ns: Arc<dyn NsOps>,
     stop: Arc<AtomicBool>,
     flusher: Option<JoinHandle<()>>,
 }
@@ -101,7 +101,7 @@ fn tune_bdi(mountpoint: &Path, readahead_bytes: u64) {
 }
 
 impl Mounted {
-    pub fn mount(ns: Arc<Namespace>, opts: &MountOptions) -> Result<Mounted> {
+    pub fn mount(ns: Arc<dyn NsOps>, opts: &MountOptions) -> Result<Mounted> {
         let mp = &opts.mountpoint;
         if !mp.exists() && mount_at(mp).is_none() {
             std::fs::create_dir_all(mp)

@@ -25,6 +25,8 @@ pub struct ClusterOpts {
     pub replication: u8,
     pub lease_ttl_s: u32,
     pub node_lost_after_s: u32,
+    /// Every node mounts the cluster namespace at `<node dir>/mnt`.
+    pub mount: bool,
 }
 
 impl Default for ClusterOpts {
@@ -34,6 +36,7 @@ impl Default for ClusterOpts {
             replication: 2,
             lease_ttl_s: 2,
             node_lost_after_s: 3600,
+            mount: false,
         }
     }
 }
@@ -55,6 +58,7 @@ pub struct NodeProc {
     pub socket: PathBuf,
     pub log: PathBuf,
     pub child: Option<Child>,
+    pub mountpoint: Option<PathBuf>,
 }
 
 impl Drop for NodeProc {
@@ -62,6 +66,14 @@ impl Drop for NodeProc {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // A killed node leaves its FUSE mount behind, disconnected.
+        if let Some(m) = &self.mountpoint {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -71,7 +83,18 @@ impl Cluster {
     pub fn start(opts: ClusterOpts) -> Cluster {
         let net = Net::new(opts.nodes);
         let etcd = EtcdServer::start(net.host_ip());
-        let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
+        // SPOOL_TEST_KEEP=1 keeps the nodes' directories (configs, logs) for a post-mortem.
+        let keep = std::env::var_os("SPOOL_TEST_KEEP").is_some();
+        let dir = tempfile::Builder::new()
+            .prefix("spool-cluster-")
+            .disable_cleanup(keep)
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        if keep {
+            eprintln!("cluster files kept in {}", dir.path().display());
+        }
+        // SPOOL_TEST_LOG sets the nodes' log level (e.g. "debug").
+        let level = std::env::var("SPOOL_TEST_LOG").unwrap_or_else(|_| "info".into());
         let secret = format!("cluster-key-{}-{}", std::process::id(), net.slot());
         let key_file = dir.path().join("cluster.key");
         std::fs::write(&key_file, &secret).unwrap();
@@ -104,7 +127,7 @@ policy = "off"
 [admin]
 socket = "{socket}"
 [log]
-level = "info"
+level = "{level}"
 [cluster]
 node_id = {id}
 listen = "{ip}:{PORT}"
@@ -126,7 +149,16 @@ node_lost_after_s = {lost}
                 n = opts.nodes,
                 ttl = opts.lease_ttl_s,
                 lost = opts.node_lost_after_s,
+                level = level,
             );
+            let mountpoint = opts.mount.then(|| nd.join("mnt"));
+            let toml = match &mountpoint {
+                Some(m) => format!(
+                    "{toml}[mount]\nmountpoint = \"{}\"\nthreads = 4\n",
+                    m.display()
+                ),
+                None => toml,
+            };
             std::fs::write(&config, toml).unwrap();
             nodes.push(NodeProc {
                 id,
@@ -135,6 +167,7 @@ node_lost_after_s = {lost}
                 socket,
                 log: nd.join("spool.log"),
                 child: None,
+                mountpoint,
             });
         }
         let mut c = Cluster {
@@ -160,9 +193,12 @@ node_lost_after_s = {lost}
             .append(true)
             .open(&n.log)
             .unwrap();
-        let child = self
-            .net
-            .command(i, SPOOL)
+        let mut cmd = match self.opts.mount {
+            // The test reads and writes through the nodes' mounts.
+            true => self.net.command_net_only(i, SPOOL),
+            false => self.net.command(i, SPOOL),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(&n.config)
             .env("RUST_BACKTRACE", "1")

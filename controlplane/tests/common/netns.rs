@@ -194,6 +194,17 @@ impl Net {
         c
     }
 
+    /// Like `command`, but entering only node i's network namespace: the program
+    /// shares the caller's mount namespace, so a FUSE mount it makes is visible to the
+    /// test (`ip netns exec` gives every program a mount namespace of its own).
+    pub fn command_net_only(&self, i: usize, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.ns_name(i)))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
     /// Prefix usable by other launchers: `["ip", "netns", "exec", NS]`.
     pub fn wrapper(&self, i: usize) -> Vec<String> {
         ["ip", "netns", "exec", self.ns_name(i)]

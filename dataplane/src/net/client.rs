@@ -46,7 +46,9 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let io = |source| ClientError::Io { addr, source };
         let sock = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
-        sock.set_nodelay(true).map_err(io)?;
+        // A client that gives up on a request drops the connection, and with it the
+        // request if it is still unsent: it must not reach a node later.
+        super::transport::tune(&sock).map_err(io)?;
         sock.set_read_timeout(Some(timeout)).map_err(io)?;
         sock.set_write_timeout(Some(timeout)).map_err(io)?;
         let mut c = Client {
@@ -188,13 +190,35 @@ impl Client {
         offset: u32,
         data: &[u8],
     ) -> Result<Reply, ClientError> {
+        self.mutate(0, chunk, MutKind::Write, offset, data)
+    }
+
+    /// A write, truncate (`offset` = new length) or delete. `chain_ver` other than 0
+    /// makes it conditional: the head refuses it (`StaleChain`) unless the chunk's
+    /// chain still has that version.
+    pub fn mutate(
+        &mut self,
+        chain_ver: u64,
+        chunk: ChunkId,
+        kind: MutKind,
+        offset: u32,
+        data: &[u8],
+    ) -> Result<Reply, ClientError> {
         self.call(&Msg::Mutate {
-            chain_ver: 0,
+            chain_ver,
             chunk,
-            kind: MutKind::Write,
+            kind,
             offset,
             version: 0,
             data,
+        })
+    }
+
+    /// The chunk's length (the reply's data, 4 bytes little-endian) and version.
+    pub fn stat(&mut self, chunk: ChunkId) -> Result<Reply, ClientError> {
+        self.call(&Msg::Stat {
+            chunk,
+            local: false,
         })
     }
 

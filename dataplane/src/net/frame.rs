@@ -28,6 +28,8 @@ pub mod kind {
     /// A whole chunk replacing the receiver's copy (resync); length 0 deletes it.
     pub const SYNC_PUT: u8 = 8;
     pub const REPLY: u8 = 9;
+    /// A chunk's length and version, routed like a read.
+    pub const STAT: u8 = 10;
 }
 
 /// Mutation kinds inside CLIENT_MUTATE and CHAIN_MUTATE.
@@ -162,7 +164,7 @@ impl Header {
                 max: body_max,
             });
         }
-        if !(kind::HELLO..=kind::REPLY).contains(&h.kind) {
+        if !(kind::HELLO..=kind::STAT).contains(&h.kind) {
             return Err(FrameError::Kind(h.kind));
         }
         Ok(h)
@@ -205,6 +207,13 @@ pub enum Msg<'a> {
         offset: u32,
         len: u32,
         /// Read this node's own copy, whatever its state (checkers compare replicas).
+        local: bool,
+    },
+    /// The chunk's committed length (the reply's data: 4 bytes, little-endian) and
+    /// version, from a replica that may serve a read of it.
+    Stat {
+        chunk: ChunkId,
+        /// This node's own copy, whatever its state.
         local: bool,
     },
     /// One page of one of the receiver's shards. The reply's `version` holds the
@@ -319,6 +328,14 @@ impl<'a> Msg<'a> {
                     _ => return Err(r.bad("flag")),
                 },
             },
+            kind::STAT => Msg::Stat {
+                chunk: r.chunk()?,
+                local: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(r.bad("flag")),
+                },
+            },
             kind::LIST => {
                 let chain = r.u32()?;
                 let shard = r.u32()?;
@@ -370,6 +387,7 @@ impl<'a> Msg<'a> {
             Msg::Mutate { version: 0, .. } => kind::CLIENT_MUTATE,
             Msg::Mutate { .. } => kind::CHAIN_MUTATE,
             Msg::Read { .. } => kind::READ,
+            Msg::Stat { .. } => kind::STAT,
             Msg::List { .. } => kind::LIST,
             Msg::SyncPut { .. } => kind::SYNC_PUT,
             Msg::Reply { .. } => kind::REPLY,
@@ -418,6 +436,10 @@ impl<'a> Msg<'a> {
                 chunk(out, c);
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(&len.to_le_bytes());
+                out.push(u8::from(*local));
+            }
+            Msg::Stat { chunk: c, local } => {
+                chunk(out, c);
                 out.push(u8::from(*local));
             }
             Msg::List {
@@ -703,6 +725,10 @@ mod tests {
                 len: 10,
                 local: true,
             },
+            Msg::Stat {
+                chunk: c,
+                local: false,
+            },
             Msg::List {
                 chain: 4,
                 shard: 1,
@@ -850,6 +876,9 @@ mod tests {
                 v[HEADER_SIZE..].to_vec()
             }),
             (kind::READ, vec![0; 22]),
+            (kind::STAT, vec![0; 14]),
+            (kind::STAT, vec![0; 12]),
+            (kind::STAT, [&[0u8; 12][..], &[2]].concat()),
             (kind::REPLY, vec![77; 9]),
             (kind::HELLO, vec![0; 31]),
         ] {

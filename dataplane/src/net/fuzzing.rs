@@ -351,6 +351,13 @@ fn samples(data: &[u8]) -> Vec<(&'static str, Msg<'_>)> {
             },
         ),
         (
+            "stat",
+            Msg::Stat {
+                chunk: c,
+                local: false,
+            },
+        ),
+        (
             "list_first",
             Msg::List {
                 chain: 3,

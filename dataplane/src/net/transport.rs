@@ -6,6 +6,7 @@
 use std::fmt::Debug;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use mio::event::Source;
 
@@ -30,16 +31,35 @@ pub trait Listener: Source + Send + Debug {
 /// One connection: a non-blocking, ordered, reliable byte stream.
 pub trait Link: Source + Read + Write + Send + Debug {}
 
-/// TCP through the kernel: non-blocking sockets, no Nagle delay.
+/// TCP through the kernel: non-blocking sockets, no Nagle delay, and a bound on how
+/// long sent data may stay unacknowledged.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Tcp;
+
+/// Data unacknowledged this long kills the connection, and the kernel drops what it
+/// still held (`TCP_USER_TIMEOUT`). Without it, frames held back by a partition are
+/// delivered whenever it heals, seconds after their sender gave up on them: a relayed
+/// write whose client was told "unknown" would land after that client's next write
+/// to the same bytes. A link that stays this long without any acknowledgement is of
+/// no use anyway: a slow one still gets acknowledgements.
+pub const UNACKED_MAX: Duration = Duration::from_millis(1500);
+
+/// The socket options every Spool TCP connection gets, dialed, accepted or a client's:
+/// no Nagle delay, [`UNACKED_MAX`], and a close that drops unsent data (a reset)
+/// rather than delivering it after its sender has moved on.
+pub fn tune(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
+    let s = socket2::SockRef::from(sock);
+    s.set_tcp_nodelay(true)?;
+    s.set_tcp_user_timeout(Some(UNACKED_MAX))?;
+    s.set_linger(Some(Duration::ZERO))
+}
 
 impl Link for mio::net::TcpStream {}
 
 impl Listener for mio::net::TcpListener {
     fn accept(&mut self) -> io::Result<Box<dyn Link>> {
         let (s, _) = mio::net::TcpListener::accept(self)?;
-        s.set_nodelay(true)?;
+        tune(&s)?;
         Ok(Box::new(s))
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -59,7 +79,7 @@ impl Transport for Tcp {
     }
     fn dial(&self, addr: SocketAddr) -> io::Result<Box<dyn Link>> {
         let s = mio::net::TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
+        tune(&s)?;
         Ok(Box::new(s))
     }
 }

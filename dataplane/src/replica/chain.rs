@@ -119,11 +119,20 @@ impl ChainTable {
     }
 }
 
+/// Chunks of inodes with this bit set hold the namespace (its root block, log and
+/// checkpoints): they all map to one chain, so a single head orders every namespace
+/// write and a chain version fences them all (see `fuse-shim`'s cluster namespace).
+pub const NAMESPACE_INODE_BIT: u64 = 1 << 63;
+
 pub fn chain_of(chunk: &ChunkId, chains: u32) -> u32 {
     if chains == 0 {
         return 0;
     }
-    let mut h = chunk.inode.wrapping_mul(0xd6e8_feb8_6659_fd93) ^ u64::from(chunk.index);
+    let (inode, index) = match chunk.inode & NAMESPACE_INODE_BIT {
+        0 => (chunk.inode, chunk.index),
+        _ => (NAMESPACE_INODE_BIT, 0),
+    };
+    let mut h = inode.wrapping_mul(0xd6e8_feb8_6659_fd93) ^ u64::from(index);
     h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     h ^= h >> 29;
     h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -242,6 +242,18 @@ impl Replica {
         Arc::clone(&self.shared.table.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    pub fn incarnation(&self) -> u64 {
+        self.shared.incarnation.load(Ordering::Acquire)
+    }
+
+    /// Whether `node` (this node's id) may act on the chains of `table` now: not
+    /// fenced, and the table knows this incarnation (see `Net::admitted`).
+    pub fn admitted_in(&self, node: u32, table: &ChainTable) -> bool {
+        let inc = self.incarnation();
+        !self.shared.fenced.load(Ordering::Acquire)
+            && table.nodes.get(&node).is_some_and(|n| n.incarnation == inc)
+    }
+
     pub fn status(&self) -> ReplicaStatus {
         self.shared
             .status
@@ -404,8 +416,10 @@ struct Op {
     /// Given up: its answer is no longer wanted and it is not passed on; its device
     /// I/O, if any, still finishes before the op is freed.
     orphan: bool,
-    /// A relayed read (not a mutation).
+    /// A relayed read or stat (not a mutation).
     read: bool,
+    /// A read op that asks only for the chunk's length and version.
+    stat: bool,
     /// The device ring was full: submit again.
     resubmit: bool,
     /// A mutation that has begun (numbered, sent down, submitted); before that it
@@ -442,6 +456,7 @@ impl Op {
             numbered_here: false,
             orphan: false,
             read: false,
+            stat: false,
             resubmit: false,
             begun: false,
             data_crc: 0,
@@ -1156,7 +1171,8 @@ impl Net {
                 offset,
                 len,
                 local,
-            } => self.on_read((ci, gen, h.req_id), chunk, offset, len, local),
+            } => self.on_read((ci, gen, h.req_id), chunk, Some((offset, len)), local),
+            Msg::Stat { chunk, local } => self.on_read((ci, gen, h.req_id), chunk, None, local),
             Msg::List {
                 chain,
                 shard,
@@ -1342,6 +1358,9 @@ impl Net {
                 let up = self.ops[i as usize].up;
                 let in_queue = self.ops[i as usize].in_queue;
                 match (c.result, c.buf) {
+                    (Ok(info), _) if self.ops[i as usize].stat => {
+                        self.reply(up, Status::Ok, info.version, &info.len.to_le_bytes());
+                    }
                     (Ok(info), Some(b)) => {
                         let len = self.ops[i as usize].len as usize;
                         self.reply(up, Status::Ok, info.version, &b.as_slice()[..len]);
@@ -1847,19 +1866,22 @@ impl Net {
 
     // ---- reads -----------------------------------------------------------------------
 
+    /// A read of `range` (offset, length), or a stat when `None`.
     fn on_read(
         &mut self,
         up: (u32, u32, u64),
         chunk: ChunkId,
-        offset: u32,
-        len: u32,
+        range: Option<(u32, u32)>,
         local: bool,
     ) -> Flow {
         let cs = self.engine.geometry().chunk_size;
-        if len == 0
-            || offset % BLOCK_SIZE != 0
-            || len as usize > self.engine.pool().buf_size()
-            || u64::from(offset) + u64::from(len) > u64::from(cs)
+        let stat = range.is_none();
+        let (offset, len) = range.unwrap_or((0, 0));
+        if !stat
+            && (len == 0
+                || offset % BLOCK_SIZE != 0
+                || len as usize > self.engine.pool().buf_size()
+                || u64::from(offset) + u64::from(len) > u64::from(cs))
         {
             self.reply(up, Status::BadRequest, 0, &[]);
             return Flow::Next;
@@ -1895,26 +1917,33 @@ impl Net {
                 s[me as usize % s.len()]
             };
             if target != me {
-                return self.proxy(
-                    up,
-                    target,
-                    &Msg::Read {
+                let msg = match stat {
+                    true => Msg::Stat {
+                        chunk,
+                        local: false,
+                    },
+                    false => Msg::Read {
                         chunk,
                         offset,
                         len,
                         local: false,
                     },
-                );
+                };
+                return self.proxy(up, target, &msg);
             }
         }
-        let Some(b) = self.client.buffer() else {
-            return Flow::Stall;
+        let b = match stat {
+            true => None,
+            false => match self.client.buffer() {
+                Some(b) => Some(b),
+                None => return Flow::Stall,
+            },
         };
         let Some(i) = self.alloc_op(Kind::Read) else {
             return Flow::Stall;
         };
         let o = &mut self.ops[i as usize];
-        (o.up, o.chunk, o.offset, o.len, o.buf) = (up, chunk, offset, len, Some(b));
+        (o.up, o.chunk, o.offset, o.len, o.buf, o.stat) = (up, chunk, offset, len, b, stat);
         if queue {
             self.enqueue(i);
         } else {
@@ -1925,11 +1954,14 @@ impl Net {
 
     fn start_read(&mut self, i: u32) {
         let o = &mut self.ops[i as usize];
-        let op = ChunkOp::Read {
-            chunk: o.chunk,
-            offset: o.offset,
-            len: o.len,
-            buf: o.buf.take().expect("a read holds a buffer"),
+        let op = match o.stat {
+            true => ChunkOp::Stat { chunk: o.chunk },
+            false => ChunkOp::Read {
+                chunk: o.chunk,
+                offset: o.offset,
+                len: o.len,
+                buf: o.buf.take().expect("a read holds a buffer"),
+            },
         };
         if !self.submit(i, op, 0) {
             let (up, st) = (self.ops[i as usize].up, self.ops[i as usize].status);
@@ -1958,7 +1990,7 @@ impl Net {
         };
         self.ops[i as usize].up = up;
         self.ops[i as usize].via = node;
-        self.ops[i as usize].read = matches!(msg, Msg::Read { .. });
+        self.ops[i as usize].read = matches!(msg, Msg::Read { .. } | Msg::Stat { .. });
         let tag = self.tag(i);
         self.send(ci, tag, msg);
         self.engine.perf().global().inc(m::C_REPL_PROXIED);

@@ -22,6 +22,8 @@ use crate::io::{ChunkIo, WINDOW_BUFFERS_MAX};
 
 /// Reserved inode numbers: file inodes are below 2^56, so these never collide.
 pub const META_BIT: u64 = 1 << 63;
+// In a cluster every namespace chunk must map to the one chain whose head owns it.
+const _: () = assert!(META_BIT == spool_dataplane::replica::chain::NAMESPACE_INODE_BIT);
 const SPACE_ROOT: u64 = 1 << 48;
 const SPACE_CHECKPOINT: u64 = 2 << 48;
 const SPACE_LOG: u64 = 3 << 48;

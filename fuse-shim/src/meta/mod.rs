@@ -59,7 +59,7 @@ pub struct NewNode<'a> {
 }
 
 /// One directory entry for readdir.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DirEntry {
     pub cookie: u64,
     pub ino: u64,

@@ -23,7 +23,7 @@ pub const ROOT_MAGIC: &[u8; 8] = b"SPOOLNSR";
 pub const BATCH_HEADER_BYTES: usize = 48;
 
 /// File kinds, as stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
 pub enum Kind {
     File = 1,
@@ -51,7 +51,7 @@ impl Kind {
 }
 
 /// An inode's persistent attributes. Times are nanoseconds since the epoch.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InodeRec {
     pub ino: u64,
     pub kind: Kind,

@@ -282,7 +282,10 @@ pub fn run(b: &FuseBench) -> Result<()> {
             allow_other: true,
             attr_flush: Duration::from_secs(1),
         };
-        let m = Mounted::mount(Arc::clone(&ns), &opts)?;
+        let m = Mounted::mount(
+            Arc::clone(&ns) as Arc<dyn spool_fuse_shim::ops::NsOps>,
+            &opts,
+        )?;
         let r = (|| -> Result<(f64, f64)> {
             let w = dd_files(&mnt, b.writers, shard, true)?;
             drop_caches();

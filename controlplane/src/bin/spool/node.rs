@@ -22,7 +22,10 @@ use spool_dataplane::net::ClusterKey;
 use spool_dataplane::replica::{Replica, ReplicaOptions, TargetState};
 use spool_dataplane::store::{self, FormatOptions, Superblock};
 use spool_dataplane::Error as DpError;
+use spool_fuse_shim::cluster::ClusterNs;
 use spool_fuse_shim::io::ChunkIo;
+use spool_fuse_shim::ops::NsOps;
+use spool_fuse_shim::rpc::{self, RpcServer};
 use spool_fuse_shim::{MountOptions, Mounted, Namespace};
 use spool_hugepages::{DmaPool, PagePolicy};
 use spool_perf::Perf;
@@ -87,6 +90,9 @@ struct Node {
     /// Cluster mode: the replication service and the membership agent.
     replica: Option<Arc<Replica>>,
     agent: std::sync::OnceLock<Agent>,
+    /// Cluster mode: the cluster-wide namespace (run here while this node owns it,
+    /// forwarded to the owner otherwise) and the RPC that serves it to other nodes.
+    cluster_ns: Option<(Arc<ClusterNs>, RpcServer)>,
 }
 
 impl Node {
@@ -107,16 +113,16 @@ impl Node {
         Ok(n)
     }
 
-    fn do_mount(&self, path: &Path) -> Result<PathBuf> {
-        if self.replica.is_some() {
-            // The namespace is still node-local: mounting it next to replicated
-            // chunks would mix two owners of one inode space.
-            bail!(
-                "the FUSE mount does not run in cluster mode yet (the cluster-wide \
-                 namespace is not built); remove [cluster] to mount a single node, or \
-                 write through the transport (spool bench cluster)"
-            );
+    /// What the mount serves: the cluster's namespace in cluster mode, else this
+    /// node's own.
+    fn ns_ops(&self) -> Result<Arc<dyn NsOps>> {
+        match &self.cluster_ns {
+            Some((c, _)) => Ok(Arc::clone(c) as Arc<dyn NsOps>),
+            None => Ok(self.namespace()? as Arc<dyn NsOps>),
         }
+    }
+
+    fn do_mount(&self, path: &Path) -> Result<PathBuf> {
         let mut m = self.mount.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cur) = m.as_ref() {
             bail!("already mounted at {}", cur.mountpoint().display());
@@ -132,7 +138,7 @@ impl Node {
             allow_other: c.allow_other,
             attr_flush: Duration::from_secs(1),
         };
-        let mounted = Mounted::mount(self.namespace()?, &opts)?;
+        let mounted = Mounted::mount(self.ns_ops()?, &opts)?;
         *m = Some(mounted);
         Ok(path.to_owned())
     }
@@ -202,11 +208,13 @@ impl AdminTarget for Node {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map(|m| m.mountpoint().display().to_string());
-        let mount = ns.map(|n| {
-            let mut v = serde_json::to_value(n.status()).unwrap_or(Value::Null);
+        let mut mount = match &self.cluster_ns {
+            Some((c, _)) => serde_json::to_value(c.status()).ok(),
+            None => ns.map(|n| serde_json::to_value(n.status()).unwrap_or(Value::Null)),
+        };
+        if let Some(v) = mount.as_mut() {
             v["mountpoint"] = json!(mountpoint);
-            v
-        });
+        }
         json!({
             "node": self.config.node.name,
             "version": env!("CARGO_PKG_VERSION"),
@@ -373,7 +381,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
         cores = dp.cores,
         "dataplane running"
     );
-    let replica = match &cfg.cluster {
+    let (replica, cluster_ns) = match &cfg.cluster {
         Some(c) => {
             let secret = std::fs::read(&c.key_file)
                 .with_context(|| format!("cluster.key_file {}", c.key_file.display()))?;
@@ -386,12 +394,28 @@ pub fn serve(config_path: &Path) -> Result<()> {
             })?;
             let r = Replica::start(
                 Arc::clone(&engine),
-                ReplicaOptions::new(c.node_id, c.listen, key),
+                ReplicaOptions::new(c.node_id, c.listen, key.clone()),
             )?;
             tracing::info!(node_id = c.node_id, listen = %c.listen, "transport listening");
-            Some(Arc::new(r))
+            let r = Arc::new(r);
+            let io = Arc::new(ChunkIo::cluster(Arc::clone(&engine), c.listen, key.clone()));
+            let cns = Arc::new(ClusterNs::new(io, Arc::clone(&r), c.node_id, key.clone()));
+            let served = Arc::clone(&cns);
+            let server = RpcServer::start(
+                rpc::ns_addr(c.listen),
+                key,
+                Arc::new(move |req, data, out| served.serve(req, data, out)),
+            )
+            .with_context(|| {
+                format!(
+                    "cluster.listen {}: the namespace RPC listens on the next port, {}",
+                    c.listen,
+                    rpc::ns_addr(c.listen)
+                )
+            })?;
+            (Some(r), Some((cns, server)))
         }
-        None => None,
+        None => (None, None),
     };
     let node = Arc::new(Node {
         config: cfg.clone(),
@@ -402,8 +426,11 @@ pub fn serve(config_path: &Path) -> Result<()> {
         mount: Mutex::new(None),
         replica,
         agent: std::sync::OnceLock::new(),
+        cluster_ns,
     });
-    if let Some(mp) = &cfg.mount.mountpoint {
+    // In cluster mode the mount waits for membership: its first calls need a chain
+    // table to find the namespace.
+    if let (Some(mp), None) = (&cfg.mount.mountpoint, &cfg.cluster) {
         node.do_mount(mp)?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -416,6 +443,10 @@ pub fn serve(config_path: &Path) -> Result<()> {
         if let (Some(c), Some(r)) = (&cfg.cluster, &node.replica) {
             let agent = Agent::start(c, Arc::clone(r))?;
             let _ = node.agent.set(agent);
+            if let Some(mp) = cfg.mount.mountpoint.clone() {
+                let n = Arc::clone(&node);
+                tokio::task::spawn_blocking(move || n.do_mount(&mp)).await??;
+            }
         }
         let (stop_tx, stop_rx) = shutdown::channel();
         let admin = AdminServer::bind(&cfg.admin.socket, node.clone() as Arc<dyn AdminTarget>).await?;
@@ -461,7 +492,10 @@ pub fn serve(config_path: &Path) -> Result<()> {
     // The namespace holds engine clients; drop it before stopping the engine.
     node.ns.lock().unwrap_or_else(|p| p.into_inner()).take();
     drop(rt);
-    let replica = Arc::into_inner(node).and_then(|n| n.replica);
+    let replica = Arc::into_inner(node).and_then(|n| {
+        drop(n.cluster_ns); // the RPC server stops; the namespace drops its engine clients
+        n.replica
+    });
     if let Some(r) = replica.and_then(Arc::into_inner) {
         r.shutdown();
     }

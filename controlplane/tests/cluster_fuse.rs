@@ -1,0 +1,158 @@
+//! One namespace for the whole cluster, through real FUSE mounts: three `spool serve`
+//! processes in network namespaces (sharing the test's mount namespace, so their
+//! mounts are visible here) and a real etcd. What one node's mount writes, every
+//! other node's mount lists and reads byte for byte; a DCP-style commit (write a
+//! temporary file, rename it over the final name) is seen whole or not at all; and
+//! when the node that owns the namespace is killed, another takes it over from the
+//! replicated log with nothing acknowledged lost.
+
+#[path = "common/cluster.rs"]
+mod cluster;
+#[path = "common/etcd.rs"]
+mod etcd;
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cluster::{Cluster, ClusterOpts};
+use sha2::{Digest, Sha256};
+
+fn mnt(c: &Cluster, i: usize) -> PathBuf {
+    c.nodes[i].mountpoint.clone().expect("mounted nodes")
+}
+
+/// Bytes that differ per file and offset (no two 4 KiB blocks alike).
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn sha(b: &[u8]) -> Vec<u8> {
+    Sha256::digest(b).to_vec()
+}
+
+/// Writes and fsyncs a whole file (create or replace).
+fn put(path: &Path, data: &[u8]) {
+    let mut f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+}
+
+/// Retries `f` until it returns `Some` (mount caches expire, owners take over).
+fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn owner(c: &Cluster, i: usize) -> Option<u32> {
+    c.status(i)?["mount"]["owner"].as_u64().map(|v| v as u32)
+}
+
+#[test]
+fn a_file_written_on_one_node_is_read_on_every_other() {
+    let mut c = Cluster::start(ClusterOpts {
+        mount: true,
+        ..ClusterOpts::default()
+    });
+    let n = c.nodes.len();
+    // A multi-chunk file (chunks are 1 MiB here) and a directory tree, on node 1.
+    let big = pattern(1, (3 << 20) + 12345);
+    std::fs::create_dir_all(mnt(&c, 0).join("ckpt/step-1")).unwrap();
+    put(&mnt(&c, 0).join("ckpt/step-1/shard-0.bin"), &big);
+    // Every node lists and reads it, byte for byte.
+    for i in 0..n {
+        let p = mnt(&c, i).join("ckpt/step-1/shard-0.bin");
+        let got = eventually(
+            &format!("node {} reads the file", i + 1),
+            Duration::from_secs(30),
+            || std::fs::read(&p).ok().filter(|d| d.len() == big.len()),
+        );
+        assert_eq!(sha(&got), sha(&big), "node {}: contents differ", i + 1);
+        let names: Vec<String> = std::fs::read_dir(mnt(&c, i).join("ckpt/step-1"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["shard-0.bin"], "node {}", i + 1);
+    }
+
+    // A DCP-style commit on node 2 while node 3 polls: `.metadata` is absent or whole.
+    let meta = pattern(2, 200_000);
+    let tmp = mnt(&c, 1).join("ckpt/step-1/.metadata.tmp");
+    let watcher = {
+        let p = mnt(&c, 2).join("ckpt/step-1/.metadata");
+        let want = sha(&meta);
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                match std::fs::read(&p) {
+                    Ok(d) => {
+                        assert_eq!(sha(&d), want, "a reader saw a partial .metadata");
+                        return;
+                    }
+                    Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}"),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!(".metadata never appeared on node 3");
+        })
+    };
+    put(&tmp, &meta);
+    std::fs::rename(&tmp, mnt(&c, 1).join("ckpt/step-1/.metadata")).unwrap();
+    watcher.join().expect("watcher");
+
+    // Kill the namespace owner; another node takes over from the replicated log.
+    let first = eventually("an owner", Duration::from_secs(10), || owner(&c, 0));
+    let killed = first as usize - 1;
+    c.kill_node(killed);
+    let survivor = (killed + 1) % n;
+    let p = mnt(&c, survivor).join("ckpt/step-1/shard-0.bin");
+    let got = eventually(
+        "the file after the owner died",
+        Duration::from_secs(60),
+        || std::fs::read(&p).ok(),
+    );
+    assert_eq!(sha(&got), sha(&big), "contents after failover");
+    let after = pattern(3, 1 << 20);
+    put(&mnt(&c, survivor).join("ckpt/after-failover.bin"), &after);
+    let new_owner = eventually("a new owner", Duration::from_secs(30), || {
+        owner(&c, survivor).filter(|&o| o != first)
+    });
+    assert_ne!(new_owner, first);
+
+    // The killed node comes back and sees everything, including what was written
+    // while it was gone.
+    c.start_node(killed);
+    c.wait_all_serving(Duration::from_secs(90));
+    let back = mnt(&c, killed);
+    let got = eventually("the returned node reads", Duration::from_secs(60), || {
+        std::fs::read(back.join("ckpt/after-failover.bin")).ok()
+    });
+    assert_eq!(sha(&got), sha(&after));
+    assert_eq!(
+        sha(&std::fs::read(back.join("ckpt/step-1/.metadata")).unwrap()),
+        sha(&meta)
+    );
+    assert_eq!(
+        sha(&std::fs::read(back.join("ckpt/step-1/shard-0.bin")).unwrap()),
+        sha(&big)
+    );
+}
