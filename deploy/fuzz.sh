@@ -13,10 +13,12 @@
 # Targets: superblock, wal_batch, snapshot (spool_dataplane::store::fuzzing::fuzz_TARGET,
 # replayed by dataplane/tests/fuzz_corpus.rs), net_frame
 # (spool_dataplane::net::fuzzing::fuzz_net_frame, the transport's frame decoder, also
-# replayed by dataplane/tests/fuzz_corpus.rs) and admin_request
+# replayed by dataplane/tests/fuzz_corpus.rs), admin_request
 # (spool_controlplane::admin::fuzz_parse_request, replayed by
-# controlplane/tests/admin_request_corpus.rs): `cargo test` runs the same checks on
-# the checked-in corpora.
+# controlplane/tests/admin_request_corpus.rs) and ns_rpc (spool_fuse_shim::rpc::
+# fuzz_message, the cluster namespace RPC's message decoder, replayed by
+# fuse-shim/tests/rpc_corpus.rs): `cargo test` runs the same checks on the checked-in
+# corpora.
 #
 # Does it work here? Yes, on the stable toolchain (checked with rustc 1.95.0 and
 # cargo-fuzz 0.13.2): cargo-fuzz passes nightly-only flags (-Zsanitizer=address, ...),
@@ -38,7 +40,7 @@
 # dataplane/fuzz/regressions/TARGET/ so `cargo test --test fuzz_corpus` replays it.
 set -euo pipefail
 
-TARGETS=(superblock wal_batch snapshot net_frame admin_request)
+TARGETS=(superblock wal_batch snapshot net_frame admin_request ns_rpc)
 CARGO_FUZZ_VERSION=0.13.2
 
 script="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"

@@ -179,7 +179,23 @@ fn writes_reach_every_replica_and_read_anywhere() {
             .read(ch, IO as u32, IO as u32, false)
             .unwrap();
         assert_eq!((r.status, r.data), (Status::Ok, pattern(ch, 99, IO)));
+        // So do stats: the committed length and version, from any node.
+        for n in &nodes {
+            let r = client(n).stat(ch).unwrap();
+            let len = (2 * IO as u32).to_le_bytes();
+            assert_eq!(
+                (r.status, r.version, r.data.as_slice()),
+                (Status::Ok, 2, &len[..])
+            );
+        }
     }
+    let r = c
+        .stat(ChunkId {
+            inode: 999,
+            index: 0,
+        })
+        .unwrap();
+    assert_eq!((r.status, r.version), (Status::Ok, 0), "a missing chunk");
     // Truncate and delete replicate.
     let ch = chunks[0];
     let r = c
