@@ -3,7 +3,9 @@
 //! physical limits measured in the same run: iperf3 over the same veth and fio on a
 //! file of the same filesystem. Then, with R = 2 and default membership settings: the
 //! time from SIGKILL of a chain head until writes to its chains succeed again, and
-//! resync throughput when the node comes back.
+//! resync throughput when the node comes back. Last, with R = 2 and every node
+//! mounting the cluster namespace: a file written through the namespace owner's mount
+//! and through another node's, and read back on a third.
 //!
 //! Every node is a real `spool serve` (this binary) started with `ip netns exec`. The
 //! writers run in this process and send each write to its chain's head, as a client
@@ -58,6 +60,9 @@ pub struct ClusterBench {
     /// Skip the failover and resync measurements.
     #[arg(long)]
     no_failover: bool,
+    /// Skip the FUSE measurements over the cluster namespace.
+    #[arg(long)]
+    no_fuse: bool,
     /// Also write the results as CSV.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -79,6 +84,8 @@ struct Nodes<'a> {
     children: Vec<Option<Child>>,
     etcd: Etcd,
     rt: &'a tokio::runtime::Runtime,
+    /// Every node mounts the cluster namespace at `n<i>/mnt`.
+    mount: bool,
 }
 
 impl Nodes<'_> {
@@ -91,6 +98,9 @@ impl Nodes<'_> {
     fn addr(&self, i: usize) -> SocketAddr {
         SocketAddr::from((self.net.node_ip(i), PORT))
     }
+    fn mountpoint(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("n{}", i + 1)).join("mnt")
+    }
 
     fn spawn(&mut self, i: usize) -> Result<()> {
         let exe = std::env::current_exe().context("this binary's path")?;
@@ -98,9 +108,13 @@ impl Nodes<'_> {
             .create(true)
             .append(true)
             .open(self.dir.join(format!("n{}", i + 1)).join("spool.log"))?;
-        let child = self
-            .net
-            .command(i, exe)
+        // A mounting node shares this process's mount namespace (`ip netns exec` would
+        // give it its own), so the mount is usable here.
+        let mut cmd = match self.mount {
+            true => self.net.command_net_only(i, exe),
+            false => self.net.command(i, exe),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(self.config(i))
             .stdin(Stdio::null())
@@ -194,6 +208,14 @@ impl Drop for Nodes<'_> {
     fn drop(&mut self) {
         for i in 0..self.children.len() {
             self.kill(i);
+            if self.mount {
+                // A killed node leaves its mount behind, disconnected.
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(self.mountpoint(i))
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
     }
 }
@@ -206,6 +228,7 @@ fn start_nodes<'a>(
     rt: &'a tokio::runtime::Runtime,
     r: u8,
     tag: &str,
+    mount: bool,
 ) -> Result<Nodes<'a>> {
     let dir = b.dir.join(tag);
     let _ = std::fs::remove_dir_all(&dir);
@@ -245,13 +268,20 @@ name = "{name}"
 key_file = "{key}"
 replication = {r}
 initial_nodes = {n}
-"#,
+{mount}"#,
             id = i + 1,
             dev = nd.join("device.img").display(),
             sock = nd.join("admin.sock").display(),
             ip = net.node_ip(i),
             key = dir.join("cluster.key").display(),
             n = b.nodes,
+            mount = match mount {
+                true => format!(
+                    "[mount]\nmountpoint = \"{}\"\nthreads = 8\n",
+                    nd.join("mnt").display()
+                ),
+                false => String::new(),
+            },
         );
         std::fs::write(nd.join("spool.toml"), toml)?;
     }
@@ -264,6 +294,7 @@ initial_nodes = {n}
         children: (0..b.nodes).map(|_| None).collect(),
         etcd,
         rt,
+        mount,
     };
     for i in 0..b.nodes {
         nodes.spawn(i)?;
@@ -514,7 +545,7 @@ pub fn run(b: &ClusterBench) -> Result<()> {
 
     for &r in &b.replication {
         eprintln!("R = {r}: starting {} nodes ...", b.nodes);
-        let nodes = start_nodes(b, &net, &etcd.url(), &rt, r, &format!("r{r}"))?;
+        let nodes = start_nodes(b, &net, &etcd.url(), &rt, r, &format!("r{r}"), false)?;
         eprintln!("R = {r}: writing {} ...", b.size);
         let mbs = replicated_write(&nodes, b, 1_000_000 * u64::from(r), &data)?;
         // Every replica lands on this one machine's disk, so the device share of one
@@ -536,7 +567,7 @@ pub fn run(b: &ClusterBench) -> Result<()> {
 
     if !b.no_failover {
         eprintln!("failover: R = 2, lease_ttl_s 3 (the default) ...");
-        let mut nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "failover")?;
+        let mut nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "failover", false)?;
         let secs = failover(&mut nodes, &data)?;
         rows.push(Row {
             what: "kill -9 chain head -> writes succeed".into(),
@@ -556,6 +587,11 @@ pub fn run(b: &ClusterBench) -> Result<()> {
             ),
         });
     }
+    if !b.no_fuse {
+        eprintln!("FUSE over the cluster namespace: R = 2, every node mounts ...");
+        let nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "fuse", true)?;
+        rows.extend(fuse_rows(&nodes, b.size.0.min(1 << 30), &data)?);
+    }
     drop(etcd);
 
     println!();
@@ -574,4 +610,79 @@ pub fn run(b: &ClusterBench) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&b.dir);
     Ok(())
+}
+
+/// Sequential 1 MiB writes of `bytes` to a new file, then fsync: MB/s.
+fn fuse_write(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<f64> {
+    let t0 = Instant::now();
+    let mut f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(data.len() as u64) as usize;
+        f.write_all(&data[..n])
+            .with_context(|| format!("writing {}", path.display()))?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    Ok(bytes as f64 / t0.elapsed().as_secs_f64() / 1e6)
+}
+
+/// Reads `path` whole in 1 MiB pieces, checking every piece: MB/s.
+fn fuse_read(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<f64> {
+    use std::io::Read as _;
+    let t0 = Instant::now();
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = vec![0u8; data.len()];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(data.len() as u64) as usize;
+        f.read_exact(&mut buf[..n])
+            .with_context(|| format!("reading {}", path.display()))?;
+        if buf[..n] != data[..n] {
+            bail!("{}: read back different bytes", path.display());
+        }
+        left -= n as u64;
+    }
+    Ok(bytes as f64 / t0.elapsed().as_secs_f64() / 1e6)
+}
+
+/// A file written through the owner's mount and through a follower's, read back on a
+/// third node (followers forward to the owner; the owner writes down the chains).
+fn fuse_rows(nodes: &Nodes<'_>, bytes: u64, data: &[u8]) -> Result<Vec<Row>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let owner = loop {
+        let o = nodes
+            .status(0)
+            .and_then(|s| s["mount"]["owner"].as_u64())
+            .filter(|&o| o > 0);
+        if let Some(o) = o {
+            break o as usize - 1;
+        }
+        if Instant::now() > deadline {
+            bail!("no namespace owner within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let follower = (owner + 1) % nodes.children.len();
+    let reader = (owner + 2) % nodes.children.len();
+    let mut rows = Vec::new();
+    for (who, i) in [("owner", owner), ("follower", follower)] {
+        let path = nodes.mountpoint(i).join(format!("bench-{who}.bin"));
+        let w = fuse_write(&path, bytes, data)?;
+        rows.push(Row {
+            what: format!("FUSE seq write via the {who}'s mount"),
+            value: w,
+            unit: "MB/s",
+            note: format!("R=2, {} MiB, 1 MiB writes, fsync", bytes >> 20),
+        });
+        let other = nodes.mountpoint(reader).join(format!("bench-{who}.bin"));
+        let r = fuse_read(&other, bytes, data)?;
+        rows.push(Row {
+            what: format!("FUSE seq read on node {} of it", reader + 1),
+            value: r,
+            unit: "MB/s",
+            note: "a follower's mount, checked byte for byte".into(),
+        });
+    }
+    Ok(rows)
 }
