@@ -590,7 +590,7 @@ pub fn run(b: &ClusterBench) -> Result<()> {
     if !b.no_fuse {
         eprintln!("FUSE over the cluster namespace: R = 2, every node mounts ...");
         let nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "fuse", true)?;
-        rows.extend(fuse_rows(&nodes, b.size.0.min(1 << 30), &data)?);
+        rows.extend(fuse_rows(&nodes, b.size.0.min(1 << 30), b.writers, &data)?);
     }
     drop(etcd);
 
@@ -612,10 +612,10 @@ pub fn run(b: &ClusterBench) -> Result<()> {
     Ok(())
 }
 
-/// Sequential 1 MiB writes of `bytes` to a new file, then fsync: MB/s.
-fn fuse_write(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<f64> {
-    let t0 = Instant::now();
-    let mut f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+/// Sequential 1 MiB writes of `bytes` to a new file, then fsync.
+fn fuse_write(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<()> {
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut left = bytes;
     while left > 0 {
         let n = left.min(data.len() as u64) as usize;
@@ -623,14 +623,13 @@ fn fuse_write(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<f64> {
             .with_context(|| format!("writing {}", path.display()))?;
         left -= n as u64;
     }
-    f.sync_all()?;
-    Ok(bytes as f64 / t0.elapsed().as_secs_f64() / 1e6)
+    f.sync_all()
+        .with_context(|| format!("fsync {}", path.display()))
 }
 
-/// Reads `path` whole in 1 MiB pieces, checking every piece: MB/s.
-fn fuse_read(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<f64> {
+/// Reads `path` whole in 1 MiB pieces, checking every piece.
+fn fuse_read(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<()> {
     use std::io::Read as _;
-    let t0 = Instant::now();
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut buf = vec![0u8; data.len()];
     let mut left = bytes;
@@ -643,12 +642,34 @@ fn fuse_read(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<f64> {
         }
         left -= n as u64;
     }
-    Ok(bytes as f64 / t0.elapsed().as_secs_f64() / 1e6)
+    Ok(())
 }
 
-/// A file written through the owner's mount and through a follower's, read back on a
-/// third node (followers forward to the owner; the owner writes down the chains).
-fn fuse_rows(nodes: &Nodes<'_>, bytes: u64, data: &[u8]) -> Result<Vec<Row>> {
+/// Runs `f` on `files` in parallel threads: aggregate MB/s for `bytes` in total.
+fn parallel(
+    files: &[PathBuf],
+    bytes: u64,
+    data: &[u8],
+    f: fn(&std::path::Path, u64, &[u8]) -> Result<()>,
+) -> Result<f64> {
+    let each = bytes / files.len() as u64;
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = files
+            .iter()
+            .map(|p| s.spawn(move || f(p, each, data)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a worker panicked")))
+            .collect::<Result<Vec<()>>>()
+    })?;
+    Ok((each * files.len() as u64) as f64 / t0.elapsed().as_secs_f64() / 1e6)
+}
+
+/// Files written through the owner's mount and through a follower's (one per writer),
+/// read back on a third node (followers forward to the owner; the owner writes down
+/// the chains).
+fn fuse_rows(nodes: &Nodes<'_>, bytes: u64, writers: usize, data: &[u8]) -> Result<Vec<Row>> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let owner = loop {
         let o = nodes
@@ -663,22 +684,32 @@ fn fuse_rows(nodes: &Nodes<'_>, bytes: u64, data: &[u8]) -> Result<Vec<Row>> {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let follower = (owner + 1) % nodes.children.len();
-    let reader = (owner + 2) % nodes.children.len();
+    let n = nodes.children.len();
+    let (follower, reader) = ((owner + 1) % n, (owner + 2) % n);
     let mut rows = Vec::new();
     for (who, i) in [("owner", owner), ("follower", follower)] {
-        let path = nodes.mountpoint(i).join(format!("bench-{who}.bin"));
-        let w = fuse_write(&path, bytes, data)?;
+        let names: Vec<String> = (0..writers)
+            .map(|w| format!("bench-{who}-{w}.bin"))
+            .collect();
+        let at = |node: usize| -> Vec<PathBuf> {
+            names
+                .iter()
+                .map(|f| nodes.mountpoint(node).join(f))
+                .collect()
+        };
+        let w = parallel(&at(i), bytes, data, fuse_write)?;
         rows.push(Row {
-            what: format!("FUSE seq write via the {who}'s mount"),
+            what: format!("FUSE write via node {} ({who})", i + 1),
             value: w,
             unit: "MB/s",
-            note: format!("R=2, {} MiB, 1 MiB writes, fsync", bytes >> 20),
+            note: format!(
+                "R=2, {writers} writers x {} MiB, 1 MiB writes, fsync",
+                (bytes / writers as u64) >> 20
+            ),
         });
-        let other = nodes.mountpoint(reader).join(format!("bench-{who}.bin"));
-        let r = fuse_read(&other, bytes, data)?;
+        let r = parallel(&at(reader), bytes, data, fuse_read)?;
         rows.push(Row {
-            what: format!("FUSE seq read on node {} of it", reader + 1),
+            what: format!("FUSE read of it via node {}", reader + 1),
             value: r,
             unit: "MB/s",
             note: "a follower's mount, checked byte for byte".into(),
