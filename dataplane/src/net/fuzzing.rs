@@ -518,8 +518,11 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
             input(LIMIT_CLIENT, &fixed(edit(read.clone(), H_VERSION, &[2]))),
         ),
         (
-            "unknown_kind_10",
-            input(LIMIT_CLIENT, &fixed(edit(read.clone(), H_KIND, &[10]))),
+            "unknown_kind_11",
+            input(
+                LIMIT_CLIENT,
+                &fixed(edit(read.clone(), H_KIND, &[kind::STAT + 1])),
+            ),
         ),
         (
             "client_mutate_with_version",
@@ -639,7 +642,7 @@ mod tests {
                 }
             }
         }
-        for k in kind::HELLO..=kind::REPLY {
+        for k in kind::HELLO..=kind::STAT {
             assert!(kinds.contains(&k), "no seed has a valid frame of kind {k}");
         }
         for e in [
