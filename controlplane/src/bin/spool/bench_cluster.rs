@@ -36,6 +36,8 @@ use spool_dataplane::store::ChunkId;
 const PORT: u16 = 7420;
 const CHUNK: u64 = 4 << 20;
 const IO: usize = 1 << 20;
+/// Bytes per write(2) and read(2) through the mounts.
+const FUSE_IO: usize = 8 << 20;
 
 #[derive(Debug, clap::Args)]
 pub struct ClusterBench {
@@ -63,6 +65,10 @@ pub struct ClusterBench {
     /// Skip the FUSE measurements over the cluster namespace.
     #[arg(long)]
     no_fuse: bool,
+    /// Mount with the kernel's page cache and writeback cache instead of direct I/O
+    /// (the default): writes return once in the page cache and go out in parallel.
+    #[arg(long)]
+    fuse_writeback: bool,
     /// Also write the results as CSV.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -277,8 +283,10 @@ initial_nodes = {n}
             n = b.nodes,
             mount = match mount {
                 true => format!(
-                    "[mount]\nmountpoint = \"{}\"\nthreads = 8\n",
-                    nd.join("mnt").display()
+                    "[mount]\nmountpoint = \"{}\"\nthreads = 8\ndirect_io = {}\nwriteback_cache = {}\n",
+                    nd.join("mnt").display(),
+                    !b.fuse_writeback,
+                    b.fuse_writeback
                 ),
                 false => String::new(),
             },
@@ -590,7 +598,19 @@ pub fn run(b: &ClusterBench) -> Result<()> {
     if !b.no_fuse {
         eprintln!("FUSE over the cluster namespace: R = 2, every node mounts ...");
         let nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "fuse", true)?;
-        rows.extend(fuse_rows(&nodes, b.size.0.min(1 << 30), b.writers, &data)?);
+        // Checkpoint writers hand the kernel whole tensors: several MiB per write(2).
+        let big: Vec<u8> = data.iter().copied().cycle().take(FUSE_IO).collect();
+        let cache = match b.fuse_writeback {
+            true => "writeback cache",
+            false => "direct I/O",
+        };
+        rows.extend(fuse_rows(
+            &nodes,
+            b.size.0.min(1 << 30),
+            b.writers,
+            &big,
+            cache,
+        )?);
     }
     drop(etcd);
 
@@ -612,7 +632,7 @@ pub fn run(b: &ClusterBench) -> Result<()> {
     Ok(())
 }
 
-/// Sequential 1 MiB writes of `bytes` to a new file, then fsync.
+/// Sequential writes of `data`-sized pieces, `bytes` in all, to a new file, then fsync.
 fn fuse_write(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<()> {
     let mut f =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
@@ -627,7 +647,7 @@ fn fuse_write(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<()> {
         .with_context(|| format!("fsync {}", path.display()))
 }
 
-/// Reads `path` whole in 1 MiB pieces, checking every piece.
+/// Reads `path` whole in `data`-sized pieces, checking every piece.
 fn fuse_read(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<()> {
     use std::io::Read as _;
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -669,7 +689,13 @@ fn parallel(
 /// Files written through the owner's mount and through a follower's (one per writer),
 /// read back on a third node (followers forward to the owner; the owner writes down
 /// the chains).
-fn fuse_rows(nodes: &Nodes<'_>, bytes: u64, writers: usize, data: &[u8]) -> Result<Vec<Row>> {
+fn fuse_rows(
+    nodes: &Nodes<'_>,
+    bytes: u64,
+    writers: usize,
+    data: &[u8],
+    cache: &str,
+) -> Result<Vec<Row>> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let owner = loop {
         let o = nodes
@@ -703,8 +729,10 @@ fn fuse_rows(nodes: &Nodes<'_>, bytes: u64, writers: usize, data: &[u8]) -> Resu
             value: w,
             unit: "MB/s",
             note: format!(
-                "R=2, {writers} writers x {} MiB, 1 MiB writes, fsync",
-                (bytes / writers as u64) >> 20
+                "R=2, {writers} writers x {} MiB, {} MiB writes, fsync, {}",
+                (bytes / writers as u64) >> 20,
+                data.len() >> 20,
+                cache
             ),
         });
         let r = parallel(&at(reader), bytes, data, fuse_read)?;

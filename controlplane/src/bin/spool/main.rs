@@ -121,7 +121,8 @@ enum BenchCmd {
     /// dataplane vs the local filesystem, then reads.
     Fuse(bench_fuse::FuseBench),
     /// Replicated writes with R = 1, 2, 3 between nodes in network namespaces vs
-    /// iperf3 and fio in the same run; failover time and resync throughput.
+    /// iperf3 and fio in the same run; failover time, resync throughput, and FUSE
+    /// through the cluster namespace.
     Cluster(bench_cluster::ClusterBench),
 }
 
