@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
@@ -15,7 +15,7 @@ use spool_dataplane::engine::{Client, Engine};
 use spool_dataplane::net::client::Client as NetClient;
 use spool_dataplane::net::{ClusterKey, Msg, MutKind, Status};
 use spool_dataplane::replica::chain::NAMESPACE_INODE_BIT;
-use spool_dataplane::store::{ChunkInfo, ChunkOp, ShardCompletion};
+use spool_dataplane::store::{ChunkId, ChunkInfo, ChunkOp, ShardCompletion};
 use spool_dataplane::Error as DpError;
 use spool_hugepages::DmaBuf;
 
@@ -61,13 +61,23 @@ impl ChunkIo {
     /// (this node's), which routes it to the chain holding the chunk, so writes are on
     /// every replica before they complete and reads see the committed state wherever
     /// it was written. Buffers still come from the local pool.
-    pub fn cluster(engine: Arc<Engine>, addr: SocketAddr, key: ClusterKey) -> ChunkIo {
+    ///
+    /// `head_of` names the transport address of a chunk's chain head when known:
+    /// mutations go there directly instead of through this node (one hop less for a
+    /// chunk another node heads); anything refused or unknown goes through this node.
+    pub fn cluster(
+        engine: Arc<Engine>,
+        addr: SocketAddr,
+        key: ClusterKey,
+        head_of: HeadOf,
+    ) -> ChunkIo {
         let mut io = ChunkIo::new(engine);
         io.remote = Some(Remote {
             addr,
             key,
-            conns: ArrayQueue::new(CLIENTS_POOLED_MAX),
+            conns: Mutex::new(Vec::new()),
             fence: AtomicU64::new(0),
+            head_of,
         });
         io
     }
@@ -160,14 +170,27 @@ impl ChunkIo {
     }
 }
 
-/// Ops sent through the cluster transport. Each thread borrows a connection to this
-/// node's replication service; ops of one call are pipelined on it.
-#[derive(Debug)]
+/// Where a chunk's chain head listens, if known.
+pub type HeadOf = Arc<dyn Fn(&ChunkId) -> Option<SocketAddr> + Send + Sync>;
+
+/// Ops sent through the cluster transport: mutations to their chain's head, reads
+/// and stats to this node's replication service (which serves them from its copy
+/// or relays them). Each call borrows a connection per node it talks to; ops to one
+/// node are pipelined on it.
 struct Remote {
     addr: SocketAddr,
     key: ClusterKey,
-    conns: ArrayQueue<NetClient>,
+    conns: Mutex<Vec<(SocketAddr, NetClient)>>,
     fence: AtomicU64,
+    head_of: HeadOf,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long an op that certainly did not happen (no head yet, a chain changing, a
@@ -177,12 +200,62 @@ const REMOTE_RETRY_PAUSE: Duration = Duration::from_millis(50);
 const REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Remote {
-    fn connect(&self) -> Result<NetClient, DpError> {
-        if let Some(c) = self.conns.pop() {
+    fn connect(&self, addr: SocketAddr) -> Result<NetClient, DpError> {
+        let pooled = {
+            let mut p = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            p.iter()
+                .position(|(a, _)| *a == addr)
+                .map(|i| p.swap_remove(i).1)
+        };
+        if let Some(c) = pooled {
             return Ok(c);
         }
-        NetClient::connect(self.addr, &self.key, REMOTE_TIMEOUT)
-            .map_err(|e| DpError::Cluster(format!("connecting to the local node: {e}")))
+        NetClient::connect(addr, &self.key, REMOTE_TIMEOUT)
+            .map_err(|e| DpError::Cluster(format!("connecting to {addr}: {e}")))
+    }
+
+    fn give_back(&self, addr: SocketAddr, c: NetClient) {
+        let mut p = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if p.len() < CLIENTS_POOLED_MAX {
+            p.push((addr, c));
+        }
+    }
+
+    /// Where `op` goes: a mutation to its chain's head, the rest to this node.
+    fn target(&self, op: &ChunkOp) -> SocketAddr {
+        match op {
+            ChunkOp::Write { chunk, .. }
+            | ChunkOp::Truncate { chunk, .. }
+            | ChunkOp::Delete { chunk } => (self.head_of)(chunk).unwrap_or(self.addr),
+            _ => self.addr,
+        }
+    }
+
+    /// Runs `ops`, each at its target (groups one after the other), in order.
+    fn run(&self, ops: Vec<ChunkOp>) -> Vec<OpResult> {
+        let targets: Vec<SocketAddr> = ops.iter().map(|o| self.target(o)).collect();
+        if targets.windows(2).all(|w| w[0] == w[1]) {
+            let addr = targets.first().copied().unwrap_or(self.addr);
+            return self.run_at(addr, ops);
+        }
+        let n = ops.len();
+        let mut ops: Vec<Option<ChunkOp>> = ops.into_iter().map(Some).collect();
+        let mut results: Vec<Option<OpResult>> = (0..n).map(|_| None).collect();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| targets[i]);
+        for group in order.chunk_by(|&a, &b| targets[a] == targets[b]) {
+            let batch = group
+                .iter()
+                .map(|&i| ops[i].take().expect("each op once"))
+                .collect();
+            for (&i, r) in group.iter().zip(self.run_at(targets[group[0]], batch)) {
+                results[i] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every op ran"))
+            .collect()
     }
 
     /// The chain version a mutation is conditional on (0: none): set for namespace
@@ -295,7 +368,10 @@ impl Remote {
         }
     }
 
-    fn run(&self, ops: Vec<ChunkOp>) -> Vec<OpResult> {
+    /// Runs `ops` pipelined on one connection to `addr`. A node that is not (or no
+    /// longer) a mutation's head relays it to the head, so a stale target is only a
+    /// detour.
+    fn run_at(&self, addr: SocketAddr, ops: Vec<ChunkOp>) -> Vec<OpResult> {
         let n = ops.len();
         let mut ops: Vec<Option<ChunkOp>> = ops.into_iter().map(Some).collect();
         let mut results: Vec<Option<OpResult>> = (0..n).map(|_| None).collect();
@@ -313,7 +389,7 @@ impl Remote {
         };
         while !todo.is_empty() || !inflight.is_empty() {
             if conn.is_none() {
-                match self.connect() {
+                match self.connect(addr) {
                     Ok(c) => conn = Some(c),
                     Err(e) => {
                         for i in todo
@@ -375,7 +451,7 @@ impl Remote {
                     *link_retry_until.get_or_insert_with(|| Instant::now() + REMOTE_RETRY_FOR);
                 if Instant::now() >= until {
                     for i in todo.drain(..) {
-                        let e = DpError::Cluster("the local node does not answer".into());
+                        let e = DpError::Cluster(format!("{addr} does not answer"));
                         fail(&mut ops, &mut results, i, e);
                     }
                 }
@@ -383,7 +459,7 @@ impl Remote {
             }
         }
         if let Some(c) = conn {
-            let _ = self.conns.push(c);
+            self.give_back(addr, c);
         }
         results
             .into_iter()

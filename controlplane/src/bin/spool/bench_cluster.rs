@@ -598,8 +598,17 @@ pub fn run(b: &ClusterBench) -> Result<()> {
     if !b.no_fuse {
         eprintln!("FUSE over the cluster namespace: R = 2, every node mounts ...");
         let nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "fuse", true)?;
-        // Checkpoint writers hand the kernel whole tensors: several MiB per write(2).
-        let big: Vec<u8> = data.iter().copied().cycle().take(FUSE_IO).collect();
+        // Checkpoint writers hand the kernel whole tensors: several MiB per write(2),
+        // from page-aligned memory (large allocations are mmap'd), as dd does. With
+        // direct I/O the kernel cuts requests at the buffer's page boundaries, so from
+        // an unaligned buffer every request would start and end mid-block.
+        let mut backing = vec![0u8; FUSE_IO + 4096];
+        let skip = backing.as_ptr().align_offset(4096);
+        let big = &mut backing[skip..skip + FUSE_IO];
+        for (d, s) in big.iter_mut().zip(data.iter().cycle()) {
+            *d = *s;
+        }
+        let big = &*big;
         let cache = match b.fuse_writeback {
             true => "writeback cache",
             false => "direct I/O",
@@ -608,7 +617,7 @@ pub fn run(b: &ClusterBench) -> Result<()> {
             &nodes,
             b.size.0.min(1 << 30),
             b.writers,
-            &big,
+            big,
             cache,
         )?);
     }
@@ -651,7 +660,10 @@ fn fuse_write(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<()> {
 fn fuse_read(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<()> {
     use std::io::Read as _;
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut buf = vec![0u8; data.len()];
+    // Page-aligned, like the writer's (see `run`).
+    let mut backing = vec![0u8; data.len() + 4096];
+    let skip = backing.as_ptr().align_offset(4096);
+    let buf = &mut backing[skip..skip + data.len()];
     let mut left = bytes;
     while left > 0 {
         let n = left.min(data.len() as u64) as usize;

@@ -398,7 +398,18 @@ pub fn serve(config_path: &Path) -> Result<()> {
             )?;
             tracing::info!(node_id = c.node_id, listen = %c.listen, "transport listening");
             let r = Arc::new(r);
-            let io = Arc::new(ChunkIo::cluster(Arc::clone(&engine), c.listen, key.clone()));
+            let heads = Arc::clone(&r);
+            let head_of: spool_fuse_shim::io::HeadOf = Arc::new(move |chunk| {
+                let t = heads.table();
+                let head = t.chain(t.chain_of(chunk))?.head()?;
+                t.nodes.get(&head)?.addr.parse().ok()
+            });
+            let io = Arc::new(ChunkIo::cluster(
+                Arc::clone(&engine),
+                c.listen,
+                key.clone(),
+                head_of,
+            ));
             let cns = Arc::new(ClusterNs::new(io, Arc::clone(&r), c.node_id, key.clone()));
             let served = Arc::clone(&cns);
             let server = RpcServer::start(
