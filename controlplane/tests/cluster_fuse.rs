@@ -156,3 +156,101 @@ fn a_file_written_on_one_node_is_read_on_every_other() {
         sha(&big)
     );
 }
+
+/// What one writer thread saw: files whose final rename returned, with their hash.
+type Acked = Vec<(PathBuf, Vec<u8>)>;
+
+/// Writes files through node `i`'s mount until `stop`: each is written to a temporary
+/// name, fsynced and renamed over its final name (a checkpoint's commit). A rename
+/// that returned is acknowledged; any failure (the node or the namespace owner dying
+/// under it) leaves that file's outcome unknown, and the writer goes on.
+fn writer(
+    mount: PathBuf,
+    i: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Acked, usize) {
+    let mut acked = Vec::new();
+    let mut failed = 0;
+    let mut k = 0u64;
+    // Every file takes a chunk (1 MiB here) on R nodes of 256 MiB devices: a writer
+    // commits at most FILES_MAX files, paced to span the nemesis rounds.
+    const FILES_MAX: usize = 60;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && acked.len() < FILES_MAX {
+        std::thread::sleep(Duration::from_millis(150));
+        k += 1;
+        let len = 16 * 1024 * (1 + (k as usize * 7 + i) % 48);
+        let data = pattern((i as u64) << 32 | k, len);
+        let tmp = mount.join(format!("w{i}-{k}.tmp"));
+        let done = mount.join(format!("w{i}-{k}"));
+        let r = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&data).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, &done));
+        match r {
+            Ok(()) => acked.push((done.file_name().unwrap().into(), sha(&data))),
+            Err(_) => {
+                failed += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    (acked, failed)
+}
+
+/// The namespace owner is SIGKILLed three times while every node's mount commits
+/// files; afterwards every acknowledged file is there, whole, on every node.
+#[test]
+fn committed_files_survive_owner_kills() {
+    let mut c = Cluster::start(ClusterOpts {
+        mount: true,
+        ..ClusterOpts::default()
+    });
+    let n = c.nodes.len();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..n)
+        .map(|i| {
+            let (m, s) = (mnt(&c, i), std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || writer(m, i, s))
+        })
+        .collect();
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let alive = (0..n).find(|&i| c.running(i)).expect("a running node");
+        let o = eventually("an owner", Duration::from_secs(30), || owner(&c, alive));
+        eprintln!("round {round}: killing node {o}, the namespace owner");
+        c.kill_node(o as usize - 1);
+        std::thread::sleep(Duration::from_millis(2500));
+        c.start_node(o as usize - 1);
+        c.wait_all_serving(Duration::from_secs(90));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for (i, w) in writers.into_iter().enumerate() {
+        let (a, failed) = w.join().expect("writer");
+        eprintln!(
+            "writer on node {}: {} files committed, {failed} failed",
+            i + 1,
+            a.len()
+        );
+        acked.extend(a);
+    }
+    assert!(acked.len() > 10, "too few files committed: {}", acked.len());
+    c.wait_all_serving(Duration::from_secs(90));
+    for i in 0..n {
+        for (name, want) in &acked {
+            let p = mnt(&c, i).join(name);
+            let got = eventually(
+                &format!("{} on node {}", p.display(), i + 1),
+                Duration::from_secs(30),
+                || std::fs::read(&p).ok(),
+            );
+            assert_eq!(
+                &sha(&got),
+                want,
+                "{} on node {}: contents differ",
+                name.display(),
+                i + 1
+            );
+        }
+    }
+}

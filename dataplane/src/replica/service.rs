@@ -1746,15 +1746,16 @@ impl Net {
         match r {
             Ok(info) => {
                 let o = &self.ops[i as usize];
-                let expect = if o.mk == MutKind::Delete {
-                    0
-                } else {
-                    o.version
-                };
-                if info.version != expect {
-                    tracing::error!(chunk = %o.chunk, got = info.version, expect, "replica version mismatch");
+                // The store answers with the version it committed; a delete of a
+                // chunk this replica never had commits nothing (version 0). The
+                // version stays the chunk's floor here either way, so the head never
+                // numbers other bytes with it.
+                let ok =
+                    info.version == o.version || (o.mk == MutKind::Delete && info.version == 0);
+                if !ok {
+                    tracing::error!(chunk = %o.chunk, got = info.version, expect = o.version, "replica version mismatch");
                 }
-                let v = info.version;
+                let v = info.version.max(o.version);
                 if let Some(q) = self.chunks.get_mut(&self.ops[i as usize].chunk) {
                     q.version = Some(v);
                 }
@@ -1766,6 +1767,8 @@ impl Net {
             }
             Err(e) => {
                 let st = status_of(&e);
+                let o = &self.ops[i as usize];
+                tracing::warn!(chunk = %o.chunk, version = o.version, kind = ?o.mk, error = %e, "a replicated mutation failed here");
                 self.ops[i as usize].status =
                     if matches!(self.ops[i as usize].down, Down::Sent { .. } | Down::Done) {
                         // Other replicas may have it.
