@@ -74,15 +74,97 @@ pub struct ClusterBench {
     csv: Option<PathBuf>,
 }
 
-struct Row {
+pub(crate) struct Row {
     what: String,
     value: f64,
     unit: &'static str,
     note: String,
 }
 
+impl Row {
+    pub(crate) fn new(
+        what: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        note: String,
+    ) -> Row {
+        Row {
+            what: what.into(),
+            value,
+            unit,
+            note,
+        }
+    }
+}
+
+/// Prints the table (and writes it as CSV when asked).
+pub(crate) fn print_rows(rows: &[Row], csv: Option<&std::path::Path>) -> Result<()> {
+    println!("{:<40} {:>10} {:<5} vs the limit", "what", "value", "");
+    for r in rows {
+        println!("{:<40} {:>10.1} {:<5} {}", r.what, r.value, r.unit, r.note);
+    }
+    if let Some(p) = csv {
+        let mut f =
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+        writeln!(f, "what,value,unit,note")?;
+        for r in rows {
+            writeln!(f, "{:?},{},{},{:?}", r.what, r.value, r.unit, r.note)?;
+        }
+    }
+    Ok(())
+}
+
+/// The network namespaces, etcd and runtime that clusters of a run share.
+pub(crate) struct Lab {
+    b: ClusterBench,
+    rt: tokio::runtime::Runtime,
+    // Drop order: etcd before the network it listens on.
+    etcd: etcd::EtcdServer,
+    net: netns::Net,
+}
+
+impl Lab {
+    /// `nodes` namespaces; device files under `dir`, sized for `bytes` of data at R = 3.
+    pub(crate) fn new(nodes: usize, dir: &std::path::Path, bytes: u64) -> Result<Lab> {
+        if !(3..=8).contains(&nodes) {
+            bail!("--nodes {nodes}: between 3 and 8");
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let net = netns::Net::new(nodes);
+        let etcd = etcd::EtcdServer::start(net.host_ip());
+        let b = ClusterBench {
+            nodes,
+            size: ByteSize(bytes),
+            writers: 1,
+            depth: 1,
+            replication: Vec::new(),
+            dir: dir.to_owned(),
+            no_failover: true,
+            no_fuse: true,
+            fuse_writeback: false,
+            csv: None,
+        };
+        Ok(Lab { b, rt, etcd, net })
+    }
+
+    /// A fresh cluster with replication `r` (every node mounting if `mount`).
+    pub(crate) fn start(&self, r: u8, tag: &str, mount: bool) -> Result<Nodes<'_>> {
+        start_nodes(
+            &self.b,
+            &self.net,
+            &self.etcd.url(),
+            &self.rt,
+            r,
+            tag,
+            mount,
+        )
+    }
+}
+
 /// A running cluster of `spool serve` processes.
-struct Nodes<'a> {
+pub(crate) struct Nodes<'a> {
     net: &'a netns::Net,
     name: String,
     dir: PathBuf,
@@ -104,7 +186,7 @@ impl Nodes<'_> {
     fn addr(&self, i: usize) -> SocketAddr {
         SocketAddr::from((self.net.node_ip(i), PORT))
     }
-    fn mountpoint(&self, i: usize) -> PathBuf {
+    pub(crate) fn mountpoint(&self, i: usize) -> PathBuf {
         self.dir.join(format!("n{}", i + 1)).join("mnt")
     }
 
@@ -625,18 +707,7 @@ pub fn run(b: &ClusterBench) -> Result<()> {
 
     println!();
     println!("spool bench cluster: {} nodes in network namespaces, {} per run, {} writers x depth {}, 1 MiB writes, 4 MiB chunks", b.nodes, b.size, b.writers, b.depth);
-    println!("{:<40} {:>10} {:<5} vs the limit", "what", "value", "");
-    for r in &rows {
-        println!("{:<40} {:>10.1} {:<5} {}", r.what, r.value, r.unit, r.note);
-    }
-    if let Some(p) = &b.csv {
-        let mut f =
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
-        writeln!(f, "what,value,unit,note")?;
-        for r in &rows {
-            writeln!(f, "{:?},{},{},{:?}", r.what, r.value, r.unit, r.note)?;
-        }
-    }
+    print_rows(&rows, b.csv.as_deref())?;
     let _ = std::fs::remove_dir_all(&b.dir);
     Ok(())
 }

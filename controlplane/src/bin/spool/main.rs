@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_checkpoint;
 mod bench_cluster;
 mod bench_fuse;
 mod node;
@@ -124,6 +125,13 @@ enum BenchCmd {
     /// iperf3 and fio in the same run; failover time, resync throughput, and FUSE
     /// through the cluster namespace.
     Cluster(bench_cluster::ClusterBench),
+    /// An MLPerf Storage-style checkpoint: N rank processes write shards through
+    /// the mounts of a cluster and fsync, rank 0 commits, another node reads it back;
+    /// the same ranks on the local filesystem for comparison.
+    Checkpoint(bench_checkpoint::CheckpointBench),
+    /// One rank of `spool bench checkpoint` (run by it).
+    #[command(hide = true)]
+    CheckpointRank(bench_checkpoint::RankArgs),
 }
 
 fn main() {
@@ -227,6 +235,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             cmd: BenchCmd::Cluster(b),
         } => bench_cluster::run(&b),
+        Cmd::Bench {
+            cmd: BenchCmd::Checkpoint(b),
+        } => bench_checkpoint::run(&b),
+        Cmd::Bench {
+            cmd: BenchCmd::CheckpointRank(a),
+        } => bench_checkpoint::rank(&a),
     }
 }
 
