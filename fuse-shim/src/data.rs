@@ -13,7 +13,7 @@
 use spool_dataplane::store::{ChunkId, ChunkOp, BLOCK_SIZE};
 
 use crate::error::{errno, Error, Result};
-use crate::io::WINDOW_BUFFERS_MAX;
+use crate::io::{ChunkIo, WINDOW_BUFFERS_MAX};
 use crate::meta::record::Kind;
 use crate::meta::{now_ns, Namespace};
 
@@ -38,6 +38,82 @@ struct Piece {
     len: u64,
 }
 
+fn chunk_of(chunk_size: u64, ino: u64, off: u64) -> (ChunkId, u32) {
+    (
+        ChunkId {
+            inode: ino,
+            index: (off / chunk_size) as u32,
+        },
+        (off % chunk_size) as u32,
+    )
+}
+
+/// Block-aligned pieces covering `[off, end)`, split at chunk and buffer bounds.
+fn pieces(io: &ChunkIo, off: u64, end: u64) -> Vec<Piece> {
+    let (step, chunk_size) = (u64::from(io.io_size_max), u64::from(io.chunk_size));
+    let mut out = Vec::new();
+    let mut p = round_down(off, BLOCK);
+    let stop = round_up(end, BLOCK);
+    while p < stop {
+        let chunk_end = round_down(p, chunk_size) + chunk_size;
+        let len = (stop - p).min(step).min(chunk_end - p);
+        out.push(Piece { start: p, len });
+        p += len;
+    }
+    out
+}
+
+/// Reads `len` bytes at `off` of file `ino` whose size is `size` (clipped at it)
+/// through `io` and hands them to `f`: straight from the DMA buffer when one piece
+/// covers the range. A mount whose namespace runs on another node reads file data
+/// this way too, with the size it got from the owner (`cluster`).
+pub fn read_at<R>(
+    io: &ChunkIo,
+    ino: u64,
+    size: u64,
+    off: u64,
+    len: u32,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R> {
+    if off >= size || len == 0 {
+        return Ok(f(&[]));
+    }
+    let end = size.min(off + u64::from(len));
+    let pieces = pieces(io, off, end);
+    let read_op = |p: &Piece| {
+        let (chunk, coff) = chunk_of(u64::from(io.chunk_size), ino, p.start);
+        let mut buf = io.buffer();
+        buf.set_len(p.len as usize);
+        ChunkOp::Read {
+            chunk,
+            offset: coff,
+            len: p.len as u32,
+            buf,
+        }
+    };
+    if pieces.len() == 1 {
+        // The common case (page-aligned kernel reads inside one chunk): reply
+        // straight from the DMA buffer.
+        let (r, buf) = io.run_one(read_op(&pieces[0]));
+        r?;
+        let buf = buf.expect("read buffer");
+        let skip = (off - pieces[0].start) as usize;
+        return Ok(f(&buf.as_slice()[skip..skip + (end - off) as usize]));
+    }
+    let mut out = Vec::with_capacity((end - off) as usize);
+    for window in pieces.chunks(WINDOW_BUFFERS_MAX) {
+        let ops = window.iter().map(read_op).collect();
+        for (p, (r, buf)) in window.iter().zip(io.run(ops)) {
+            r?;
+            let b = buf.expect("read buffer");
+            let lo = off.max(p.start);
+            let hi = end.min(p.start + p.len);
+            out.extend_from_slice(&b.as_slice()[(lo - p.start) as usize..(hi - p.start) as usize]);
+        }
+    }
+    Ok(f(&out))
+}
+
 impl Namespace {
     /// Largest file size: chunk indexes are 32-bit.
     pub fn file_size_max(&self) -> u64 {
@@ -45,28 +121,11 @@ impl Namespace {
     }
 
     fn chunk_of(&self, ino: u64, off: u64) -> (ChunkId, u32) {
-        (
-            ChunkId {
-                inode: ino,
-                index: (off / self.chunk_size) as u32,
-            },
-            (off % self.chunk_size) as u32,
-        )
+        chunk_of(self.chunk_size, ino, off)
     }
 
-    /// Block-aligned pieces covering `[off, end)`, split at chunk and buffer bounds.
     fn pieces(&self, off: u64, end: u64) -> Vec<Piece> {
-        let step = u64::from(self.io.io_size_max);
-        let mut out = Vec::new();
-        let mut p = round_down(off, BLOCK);
-        let stop = round_up(end, BLOCK);
-        while p < stop {
-            let chunk_end = round_down(p, self.chunk_size) + self.chunk_size;
-            let len = (stop - p).min(step).min(chunk_end - p);
-            out.push(Piece { start: p, len });
-            p += len;
-        }
-        out
+        pieces(&self.io, off, end)
     }
 
     fn io_lock(&self, ino: u64) -> Result<std::sync::Arc<std::sync::RwLock<()>>> {
@@ -90,45 +149,7 @@ impl Namespace {
             }
             n.rec.size
         };
-        if off >= size || len == 0 {
-            return Ok(f(&[]));
-        }
-        let end = size.min(off + u64::from(len));
-        let pieces = self.pieces(off, end);
-        let read_op = |p: &Piece| {
-            let (chunk, coff) = self.chunk_of(ino, p.start);
-            let mut buf = self.io.buffer();
-            buf.set_len(p.len as usize);
-            ChunkOp::Read {
-                chunk,
-                offset: coff,
-                len: p.len as u32,
-                buf,
-            }
-        };
-        if pieces.len() == 1 {
-            // The common case (page-aligned kernel reads inside one chunk): reply
-            // straight from the DMA buffer.
-            let (r, buf) = self.io.run_one(read_op(&pieces[0]));
-            r?;
-            let buf = buf.expect("read buffer");
-            let skip = (off - pieces[0].start) as usize;
-            return Ok(f(&buf.as_slice()[skip..skip + (end - off) as usize]));
-        }
-        let mut out = Vec::with_capacity((end - off) as usize);
-        for window in pieces.chunks(WINDOW_BUFFERS_MAX) {
-            let ops = window.iter().map(read_op).collect();
-            for (p, (r, buf)) in window.iter().zip(self.io.run(ops)) {
-                r?;
-                let b = buf.expect("read buffer");
-                let lo = off.max(p.start);
-                let hi = end.min(p.start + p.len);
-                out.extend_from_slice(
-                    &b.as_slice()[(lo - p.start) as usize..(hi - p.start) as usize],
-                );
-            }
-        }
-        Ok(f(&out))
+        read_at(&self.io, ino, size, off, len, f)
     }
 
     /// The block at `block_start` as it should be kept by a partial overwrite: device
