@@ -220,7 +220,8 @@ impl ClusterNs {
             p.iter()
                 .position(|c| c.addr == addr)
                 .map(|i| p.swap_remove(i))
-        };
+        }
+        .filter(RpcConn::is_open);
         let mut c = match pooled {
             Some(c) => c,
             None => RpcConn::connect(addr, &self.key, RPC_TIMEOUT)?,

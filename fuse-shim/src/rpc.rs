@@ -115,6 +115,19 @@ impl RpcConn {
         Ok(RpcConn { sock, addr })
     }
 
+    /// Whether the connection still looks usable: an owner that restarted (or closed
+    /// it) has sent a FIN or a reset, which a non-blocking peek sees. Checked before
+    /// reusing a pooled connection, so a call is not lost on a link known dead.
+    pub fn is_open(&self) -> bool {
+        if self.sock.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        let open =
+            matches!(self.sock.peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        open && self.sock.set_nonblocking(false).is_ok()
+    }
+
     /// One call: `data` is a write's bytes; the reply's bytes come back beside it.
     pub fn call(&mut self, req: &NsRequest, data: &[u8]) -> io::Result<(NsReply, Vec<u8>)> {
         write_msg(&mut self.sock, req, data)?;
@@ -334,6 +347,27 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_the_owner_closed_is_seen_closed() {
+        let key = ClusterKey::from_secret(b"the-right-cluster-key").unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let k = key.clone();
+        let owner = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let handler: Handler = Arc::new(|_, _, _| NsReply::Done);
+            // Stopping: the handshake, then the connection closes.
+            let _ = serve_conn(s, &k, &handler, &AtomicBool::new(true));
+        });
+        let c = RpcConn::connect(addr, &key, Duration::from_secs(5)).unwrap();
+        owner.join().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while c.is_open() {
+            assert!(std::time::Instant::now() < deadline, "still looks open");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
     fn a_peer_without_the_key_is_refused() {
         let key = ClusterKey::from_secret(b"the-right-cluster-key").unwrap();
         let wrong = ClusterKey::from_secret(b"some-other-cluster-key").unwrap();
@@ -341,6 +375,8 @@ mod tests {
         let s = RpcServer::start("127.0.0.1:0".parse().unwrap(), key.clone(), handler).unwrap();
         let t = Duration::from_secs(5);
         let mut ok = RpcConn::connect(s.local_addr(), &key, t).unwrap();
+        assert_eq!(ok.call(&NsRequest::Statfs, &[]).unwrap().0, NsReply::Done);
+        assert!(ok.is_open(), "a live connection");
         assert_eq!(ok.call(&NsRequest::Statfs, &[]).unwrap().0, NsReply::Done);
         let e = RpcConn::connect(s.local_addr(), &wrong, t).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
