@@ -22,7 +22,7 @@ const RANK_IO: usize = 8 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Model {
-    /// 6 ranks, 384 MiB: a minute on a laptop, and what CI runs.
+    /// 6 ranks, 384 MiB: seconds (CI runs a smaller one still).
     Smoke,
     /// MLPerf Storage: 8 processes, 105 GiB.
     #[value(name = "llama3-8b")]
