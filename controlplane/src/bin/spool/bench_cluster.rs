@@ -69,6 +69,10 @@ pub struct ClusterBench {
     /// (the default): writes return once in the page cache and go out in parallel.
     #[arg(long)]
     fuse_writeback: bool,
+    /// The nodes' `dataplane.idle_spin_us`: how long an idle dataplane core spins
+    /// before it parks (spinning cores compete with everything else on a small VM).
+    #[arg(long, default_value_t = 50)]
+    idle_spin_us: u64,
     /// Also write the results as CSV.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -144,6 +148,7 @@ impl Lab {
             no_failover: true,
             no_fuse: true,
             fuse_writeback: false,
+            idle_spin_us: 50,
             csv: None,
         };
         Ok(Lab { b, rt, etcd, net })
@@ -341,6 +346,7 @@ chunk_size = "4MiB"
 cores = 1
 pin = false
 io_size_max = "1MiB"
+idle_spin_us = {spin}
 [hugepages]
 buffers = 64
 policy = "off"
@@ -363,6 +369,7 @@ initial_nodes = {n}
             ip = net.node_ip(i),
             key = dir.join("cluster.key").display(),
             n = b.nodes,
+            spin = b.idle_spin_us,
             mount = match mount {
                 true => format!(
                     "[mount]\nmountpoint = \"{}\"\nthreads = 8\ndirect_io = {}\nwriteback_cache = {}\n",
