@@ -154,6 +154,14 @@ impl Lab {
         Ok(Lab { b, rt, etcd, net })
     }
 
+    pub(crate) fn etcd_url(&self) -> String {
+        self.etcd.url()
+    }
+
+    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
     /// A fresh cluster with replication `r` (every node mounting if `mount`).
     pub(crate) fn start(&self, r: u8, tag: &str, mount: bool) -> Result<Nodes<'_>> {
         start_nodes(
@@ -226,7 +234,7 @@ impl Nodes<'_> {
         }
     }
 
-    fn status(&self, i: usize) -> Option<Value> {
+    pub(crate) fn status(&self, i: usize) -> Option<Value> {
         spool_controlplane::admin::request_blocking_with_timeout(
             &self.socket(i),
             &json!({"cmd": "status"}),

@@ -5,6 +5,7 @@ mod bench;
 mod bench_checkpoint;
 mod bench_cluster;
 mod bench_fuse;
+mod bench_scale;
 mod node;
 
 use std::path::PathBuf;
@@ -129,6 +130,10 @@ enum BenchCmd {
     /// the mounts of a cluster and fsync, rank 0 commits, another node reads it back;
     /// the same ranks on the local filesystem for comparison.
     Checkpoint(bench_checkpoint::CheckpointBench),
+    /// Metadata calls per second through the owner's and a follower's mount, namespace
+    /// calls per checkpoint shard, chain-table size and etcd keep-alives per second,
+    /// and a model of them at 1k, 10k and 100k nodes naming the first bottleneck.
+    Scale(bench_scale::ScaleBench),
     /// One rank of `spool bench checkpoint` (run by it).
     #[command(hide = true)]
     CheckpointRank(bench_checkpoint::RankArgs),
@@ -238,6 +243,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             cmd: BenchCmd::Checkpoint(b),
         } => bench_checkpoint::run(&b),
+        Cmd::Bench {
+            cmd: BenchCmd::Scale(b),
+        } => bench_scale::run(&b),
         Cmd::Bench {
             cmd: BenchCmd::CheckpointRank(a),
         } => bench_checkpoint::rank(&a),
