@@ -281,7 +281,19 @@ impl ClusterNs {
     /// namespace now, else answers `NotOwner` (the follower asks again).
     pub fn serve(&self, req: &NsRequest, data: &[u8], out: &mut Vec<u8>) -> NsReply {
         match self.try_route() {
-            Ok(Some(Route::Local(ns, _))) => dispatch(&*ns, req, data, out),
+            Ok(Some(Route::Local(ns, _))) => {
+                let rep = dispatch(&*ns, req, data, out);
+                // The follower's kernel takes a reference on the entry it gets back:
+                // count it here, in the same call (see `remember`).
+                if let (
+                    NsRequest::Lookup { .. } | NsRequest::Create { .. } | NsRequest::Link { .. },
+                    NsReply::Attr(a),
+                ) = (req, &rep)
+                {
+                    ns.remember(a.ino);
+                }
+                rep
+            }
             Ok(_) => NsReply::NotOwner,
             Err(e) => NsReply::Errno(e.errno()),
         }
@@ -423,8 +435,12 @@ impl NsOps for ClusterNs {
         self.done(NsRequest::Release { ino })
     }
     fn remember(&self, ino: u64) {
-        if let Err(e) = self.done(NsRequest::Remember { ino }) {
-            tracing::warn!(ino, error = %e, "namespace: remember");
+        // An entry a forwarded call returned was counted by the owner as it answered
+        // (`serve`), which saves a round trip per lookup; only calls run here are
+        // counted here. If ownership moved in between, the inode is counted twice,
+        // which only delays freeing an unlinked file (never frees one in use).
+        if let Ok(Some(Route::Local(ns, _))) = self.try_route() {
+            ns.remember(ino);
         }
     }
     fn forget(&self, ino: u64, count: u64) -> Result<()> {
