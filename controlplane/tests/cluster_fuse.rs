@@ -244,6 +244,51 @@ fn committed_files_survive_owner_kills() {
                 Duration::from_secs(30),
                 || std::fs::read(&p).ok(),
             );
+            if &sha(&got) != want {
+                // Say where it differs, and what the other nodes read.
+                let others: Vec<String> = (0..n)
+                    .map(|j| {
+                        let d = std::fs::read(mnt(&c, j).join(name)).unwrap_or_default();
+                        format!(
+                            "node {}: {} bytes, same as wanted: {}",
+                            j + 1,
+                            d.len(),
+                            &sha(&d) == want
+                        )
+                    })
+                    .collect();
+                // The bytes it should hold: writer i's file k (see `writer`).
+                let (wi, k) = name.to_string_lossy()[1..]
+                    .split_once('-')
+                    .map(|(a, b)| (a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap()))
+                    .unwrap();
+                let len = 16 * 1024 * (1 + (k as usize * 7 + wi as usize) % 48);
+                let expect = pattern(wi << 32 | k, len);
+                let bad: Vec<usize> = (0..len.max(got.len()))
+                    .step_by(4096)
+                    .filter(|&o| got.get(o..o + 4096) != expect.get(o..o + 4096))
+                    .collect();
+                let zeros = bad
+                    .iter()
+                    .filter(|&&o| {
+                        got.get(o..o + 4096)
+                            .is_some_and(|b| b.iter().all(|&x| x == 0))
+                    })
+                    .count();
+                eprintln!(
+                    "MISMATCH {}: want {len} bytes, got {}; {} bad blocks (first at {:?}, {zeros} all zero)",
+                    name.display(),
+                    got.len(),
+                    bad.len(),
+                    bad.first()
+                );
+                eprintln!(
+                    "MISMATCH {}: got {} bytes; {:?}",
+                    name.display(),
+                    got.len(),
+                    others
+                );
+            }
             assert_eq!(
                 &sha(&got),
                 want,

@@ -514,3 +514,93 @@ fn soak() {
         episode(&mut c, seed, Duration::from_secs(secs));
     }
 }
+
+/// A second node configured with an id already in the cluster does not join: it stays
+/// unregistered (fenced) and says why, and the node that holds the id keeps serving.
+#[test]
+fn a_duplicate_node_id_stays_out() {
+    let c = Cluster::start(ClusterOpts::default());
+    let orig = std::fs::read_to_string(&c.nodes[0].config).unwrap();
+    let dir = c.dir.path().join("dup");
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("admin.sock");
+    let config = orig
+        .replace("node_id = 1", "node_id = 2")
+        .replace(&format!(":{}\"", cluster::PORT), ":7430\"")
+        .replace(
+            c.nodes[0].socket.to_str().unwrap(),
+            socket.to_str().unwrap(),
+        )
+        .replace(
+            c.nodes[0]
+                .config
+                .parent()
+                .unwrap()
+                .join("device.img")
+                .to_str()
+                .unwrap(),
+            dir.join("device.img").to_str().unwrap(),
+        );
+    assert!(
+        config.contains("node_id = 2") && config.contains(":7430\""),
+        "{config}"
+    );
+    let cfg = dir.join("spool.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let log = std::fs::File::create(dir.join("spool.log")).unwrap();
+    let mut dup = c
+        .net
+        .command(0, cluster::SPOOL)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let status = |s: &std::path::Path| {
+        spool_controlplane::admin::request_blocking_with_timeout(
+            s,
+            &serde_json::json!({"cmd": "status"}),
+            Duration::from_secs(2),
+        )
+        .ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let why = loop {
+        let err = status(&socket).and_then(|s| {
+            s["cluster"]["agent"]["last_error"]
+                .as_str()
+                .map(str::to_owned)
+        });
+        if let Some(e) = err.filter(|e| e.contains("already registered")) {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the duplicate did not report itself"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(why.contains("cluster.node_id 2"), "{why}");
+    let s = status(&socket).unwrap();
+    assert_eq!(
+        s["cluster"]["agent"]["registered"],
+        serde_json::json!(false),
+        "{s}"
+    );
+    assert_eq!(
+        s["cluster"]["agent"]["fenced"],
+        serde_json::json!(true),
+        "{s}"
+    );
+    // The real node 2 is untouched: still in the table at its own address, serving.
+    let t = &c.status(1).unwrap()["cluster"]["table"];
+    assert_eq!(
+        t["nodes"]["2"]["addr"].as_str(),
+        Some(c.addr(1).to_string().as_str()),
+        "{t}"
+    );
+    let _ = dup.kill();
+    let _ = dup.wait();
+    c.wait_all_serving(Duration::from_secs(30));
+}

@@ -33,6 +33,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pooled connections to the owner.
 const CONNS_POOLED_MAX: usize = 16;
+/// An `unflushed` epoch no load has: writes went to more than one.
+const LOST: u64 = 0;
 
 #[derive(Debug)]
 struct Owned {
@@ -41,11 +43,15 @@ struct Owned {
     /// the same incarnation since then means nobody else could have owned it.
     incarnation: u64,
     chain_ver: u64,
+    /// Names this load of the namespace: replies carry it, so a mount can tell that
+    /// the owner it wrote to is gone (with the sizes it had not yet made durable).
+    epoch: u64,
 }
 
 #[derive(Debug)]
 enum Route {
-    Local(Arc<Namespace>, u64),
+    /// The namespace, the chain version it is fenced with, and its epoch.
+    Local(Arc<Namespace>, u64, u64),
     Remote(SocketAddr),
 }
 
@@ -72,6 +78,9 @@ pub struct ClusterNs {
     key: ClusterKey,
     owned: Mutex<Option<Owned>>,
     conns: Mutex<Vec<RpcConn>>,
+    /// Per inode, the epoch of the namespace load that took this node's writes since
+    /// their last flush (`LOST` if they went to more than one).
+    unflushed: Mutex<std::collections::HashMap<u64, u64>>,
     loads: AtomicU64,
     calls_local: AtomicU64,
     calls_forwarded: AtomicU64,
@@ -107,6 +116,7 @@ impl ClusterNs {
             key,
             owned: Mutex::new(None),
             conns: Mutex::new(Vec::new()),
+            unflushed: Mutex::new(std::collections::HashMap::new()),
             loads: AtomicU64::new(0),
             calls_local: AtomicU64::new(0),
             calls_forwarded: AtomicU64::new(0),
@@ -162,7 +172,7 @@ impl ClusterNs {
                     o.chain_ver = chain.version;
                     self.io.set_fence(chain.version);
                 }
-                return Ok(Some(Route::Local(Arc::clone(&o.ns), o.chain_ver)));
+                return Ok(Some(Route::Local(Arc::clone(&o.ns), o.chain_ver, o.epoch)));
             }
             *owned = None;
         }
@@ -181,12 +191,14 @@ impl ClusterNs {
             ms = t0.elapsed().as_millis() as u64,
             "took over the cluster namespace"
         );
+        let epoch = rand::random::<u64>() | 1;
         *owned = Some(Owned {
             ns: Arc::clone(&ns),
             incarnation: inc,
             chain_ver: chain.version,
+            epoch,
         });
-        Ok(Some(Route::Local(ns, chain.version)))
+        Ok(Some(Route::Local(ns, chain.version, epoch)))
     }
 
     fn route(&self, deadline: Instant) -> Result<Route> {
@@ -214,7 +226,7 @@ impl ClusterNs {
         addr: SocketAddr,
         req: &NsRequest,
         data: &[u8],
-    ) -> std::io::Result<(NsReply, Vec<u8>)> {
+    ) -> std::io::Result<(u64, NsReply, Vec<u8>)> {
         let pooled = {
             let mut p = self.conns.lock().unwrap_or_else(|p| p.into_inner());
             p.iter()
@@ -235,11 +247,12 @@ impl ClusterNs {
     }
 
     /// Runs one call where the namespace is, and returns its reply and bytes.
-    fn exec(&self, req: &NsRequest, data: &[u8]) -> Result<(NsReply, Vec<u8>)> {
+    /// Also returns the epoch of the namespace load that ran it.
+    fn exec(&self, req: &NsRequest, data: &[u8]) -> Result<(NsReply, Vec<u8>, u64)> {
         let deadline = Instant::now() + OWNER_WAIT;
         loop {
             match self.route(deadline)? {
-                Route::Local(ns, chain_ver) => {
+                Route::Local(ns, chain_ver, epoch) => {
                     self.calls_local.fetch_add(1, Ordering::Relaxed);
                     let mut out = Vec::new();
                     let rep = dispatch(&*ns, req, data, &mut out);
@@ -253,15 +266,15 @@ impl ClusterNs {
                             continue;
                         }
                     }
-                    return Ok((rep, out));
+                    return Ok((rep, out, epoch));
                 }
                 Route::Remote(addr) => {
                     self.calls_forwarded.fetch_add(1, Ordering::Relaxed);
                     match self.forward(addr, req, data) {
-                        Ok((NsReply::NotOwner, _)) if Instant::now() < deadline => {
+                        Ok((_, NsReply::NotOwner, _)) if Instant::now() < deadline => {
                             std::thread::sleep(RETRY_PAUSE);
                         }
-                        Ok(r) => return Ok(r),
+                        Ok((epoch, rep, out)) => return Ok((rep, out, epoch)),
                         Err(e) if read_only(req) && Instant::now() < deadline => {
                             tracing::debug!(owner = %addr, error = %e, "namespace call; retrying");
                             std::thread::sleep(RETRY_PAUSE);
@@ -279,9 +292,9 @@ impl ClusterNs {
 
     /// The owner's side of the RPC: runs a forwarded call if this node owns the
     /// namespace now, else answers `NotOwner` (the follower asks again).
-    pub fn serve(&self, req: &NsRequest, data: &[u8], out: &mut Vec<u8>) -> NsReply {
+    pub fn serve(&self, req: &NsRequest, data: &[u8], out: &mut Vec<u8>) -> (u64, NsReply) {
         match self.try_route() {
-            Ok(Some(Route::Local(ns, _))) => {
+            Ok(Some(Route::Local(ns, _, epoch))) => {
                 let rep = dispatch(&*ns, req, data, out);
                 // The follower's kernel takes a reference on the entry it gets back:
                 // count it here, in the same call (see `remember`).
@@ -292,16 +305,20 @@ impl ClusterNs {
                 {
                     ns.remember(a.ino);
                 }
-                rep
+                (epoch, rep)
             }
-            Ok(_) => NsReply::NotOwner,
-            Err(e) => NsReply::Errno(e.errno()),
+            Ok(_) => (0, NsReply::NotOwner),
+            Err(e) => (0, NsReply::Errno(e.errno())),
         }
     }
 
     fn call(&self, req: NsRequest, data: &[u8]) -> Result<(NsReply, Vec<u8>)> {
+        self.call_epoch(req, data).map(|(r, b, _)| (r, b))
+    }
+
+    fn call_epoch(&self, req: NsRequest, data: &[u8]) -> Result<(NsReply, Vec<u8>, u64)> {
         match self.exec(&req, data)? {
-            (NsReply::Errno(e), _) => errno(e),
+            (NsReply::Errno(e), _, _) => errno(e),
             r => Ok(r),
         }
     }
@@ -439,7 +456,7 @@ impl NsOps for ClusterNs {
         // (`serve`), which saves a round trip per lookup; only calls run here are
         // counted here. If ownership moved in between, the inode is counted twice,
         // which only delays freeing an unlinked file (never frees one in use).
-        if let Ok(Some(Route::Local(ns, _))) = self.try_route() {
+        if let Ok(Some(Route::Local(ns, _, _))) = self.try_route() {
             ns.remember(ino);
         }
     }
@@ -447,7 +464,7 @@ impl NsOps for ClusterNs {
         self.done(NsRequest::Forget { ino, count })
     }
     fn read(&self, ino: u64, off: u64, len: u32, out: &mut dyn FnMut(&[u8])) -> Result<()> {
-        if let Some(Route::Local(ns, _)) = self.try_route()? {
+        if let Some(Route::Local(ns, _, _)) = self.try_route()? {
             self.calls_local.fetch_add(1, Ordering::Relaxed);
             return ns.read(ino, off, len, |d| out(d));
         }
@@ -462,13 +479,43 @@ impl NsOps for ClusterNs {
         crate::data::read_at(&self.io, ino, rec.size, off, len, |d| out(d))
     }
     fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
-        match self.call(NsRequest::Write { ino, off }, data)? {
-            (NsReply::Written(n), _) => Ok(n as usize),
-            (r, _) => Err(unexpected(&r)),
+        match self.call_epoch(NsRequest::Write { ino, off }, data)? {
+            (NsReply::Written(n), _, epoch) => {
+                // The size this write set is durable only at the next flush, and only
+                // if the same load of the namespace makes it so (see flush_inode).
+                let mut u = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+                let e = u.entry(ino).or_insert(epoch);
+                if *e != epoch {
+                    *e = LOST;
+                }
+                Ok(n as usize)
+            }
+            (r, _, _) => Err(unexpected(&r)),
         }
     }
     fn flush_inode(&self, ino: u64) -> Result<()> {
-        self.done(NsRequest::Flush { ino })
+        let r = self.call_epoch(NsRequest::Flush { ino }, &[]);
+        let mut u = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+        match (r, u.get(&ino).copied()) {
+            (Err(e), _) => Err(e),
+            (Ok((NsReply::Done, _, _)), None) => Ok(()),
+            (Ok((NsReply::Done, _, epoch)), Some(w)) => {
+                u.remove(&ino);
+                if w == epoch {
+                    Ok(())
+                } else {
+                    // Writes since the last flush went to a load of the namespace that
+                    // is gone: their data may be purged and the file's size does not
+                    // cover them. Say so once, like a lost page on a local disk.
+                    tracing::warn!(
+                        ino,
+                        "writes since the last flush were lost with the namespace owner"
+                    );
+                    errno(libc::EIO)
+                }
+            }
+            (Ok((r, _, _)), _) => Err(unexpected(&r)),
+        }
     }
     fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         self.bytes(NsRequest::Getxattr {

@@ -128,15 +128,18 @@ impl RpcConn {
         open && self.sock.set_nonblocking(false).is_ok()
     }
 
-    /// One call: `data` is a write's bytes; the reply's bytes come back beside it.
-    pub fn call(&mut self, req: &NsRequest, data: &[u8]) -> io::Result<(NsReply, Vec<u8>)> {
+    /// One call: `data` is a write's bytes; the reply's bytes come back beside it,
+    /// with the epoch of the owner's namespace load that answered.
+    pub fn call(&mut self, req: &NsRequest, data: &[u8]) -> io::Result<(u64, NsReply, Vec<u8>)> {
         write_msg(&mut self.sock, req, data)?;
-        read_msg(&mut self.sock)
+        let ((epoch, rep), bytes): ((u64, NsReply), Vec<u8>) = read_msg(&mut self.sock)?;
+        Ok((epoch, rep, bytes))
     }
 }
 
-/// What serves a call on the owner: the reply, with its bytes in the given vector.
-pub type Handler = Arc<dyn Fn(&NsRequest, &[u8], &mut Vec<u8>) -> NsReply + Send + Sync>;
+/// What serves a call on the owner: the epoch of its namespace load and the reply,
+/// with the reply's bytes in the given vector.
+pub type Handler = Arc<dyn Fn(&NsRequest, &[u8], &mut Vec<u8>) -> (u64, NsReply) + Send + Sync>;
 
 /// The owner's side: one accept thread, one thread per follower connection (few: a
 /// handful per node), each running calls one at a time.
@@ -268,7 +271,7 @@ pub fn fuzz_message(data: &[u8]) {
         }
     }
     check::<NsRequest>(data);
-    check::<NsReply>(data);
+    check::<(u64, NsReply)>(data);
     // The same bytes with a correct length and crc, so mutations reach the decoder
     // behind the checksum.
     if data.len() >= 8 {
@@ -278,7 +281,7 @@ pub fn fuzz_message(data: &[u8]) {
         let crc = crc32c::crc32c(&fixed[8..]).to_le_bytes();
         fixed[4..8].copy_from_slice(&crc);
         check::<NsRequest>(&fixed);
-        check::<NsReply>(&fixed);
+        check::<(u64, NsReply)>(&fixed);
     }
 }
 
@@ -312,9 +315,11 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
         };
         write_msg(v, &NsRequest::SetAttr { ino: 3, attr }, &[])
     });
-    put("reply_errno", &|v| write_msg(v, &NsReply::Errno(2), &[]));
+    put("reply_errno", &|v| {
+        write_msg(v, &(7u64, NsReply::Errno(2)), &[])
+    });
     put("reply_bytes", &|v| {
-        write_msg(v, &NsReply::Bytes, b"xattr value")
+        write_msg(v, &(7u64, NsReply::Bytes), b"xattr value")
     });
     out
 }
@@ -342,7 +347,7 @@ mod tests {
         assert!(read_msg::<NsRequest>(&mut huge.as_slice()).is_err());
         // Valid frame, JSON that is no request.
         let mut w = Vec::new();
-        write_msg(&mut w, &NsReply::Done, &[]).unwrap();
+        write_msg(&mut w, &(1u64, NsReply::Done), &[]).unwrap();
         assert!(read_msg::<NsRequest>(&mut w.as_slice()).is_err());
     }
 
@@ -354,7 +359,7 @@ mod tests {
         let k = key.clone();
         let owner = std::thread::spawn(move || {
             let (s, _) = l.accept().unwrap();
-            let handler: Handler = Arc::new(|_, _, _| NsReply::Done);
+            let handler: Handler = Arc::new(|_, _, _| (5, NsReply::Done));
             // Stopping: the handshake, then the connection closes.
             let _ = serve_conn(s, &k, &handler, &AtomicBool::new(true));
         });
@@ -371,13 +376,13 @@ mod tests {
     fn a_peer_without_the_key_is_refused() {
         let key = ClusterKey::from_secret(b"the-right-cluster-key").unwrap();
         let wrong = ClusterKey::from_secret(b"some-other-cluster-key").unwrap();
-        let handler: Handler = Arc::new(|_, _, _| NsReply::Done);
+        let handler: Handler = Arc::new(|_, _, _| (5, NsReply::Done));
         let s = RpcServer::start("127.0.0.1:0".parse().unwrap(), key.clone(), handler).unwrap();
         let t = Duration::from_secs(5);
         let mut ok = RpcConn::connect(s.local_addr(), &key, t).unwrap();
-        assert_eq!(ok.call(&NsRequest::Statfs, &[]).unwrap().0, NsReply::Done);
+        assert_eq!(ok.call(&NsRequest::Statfs, &[]).unwrap().1, NsReply::Done);
         assert!(ok.is_open(), "a live connection");
-        assert_eq!(ok.call(&NsRequest::Statfs, &[]).unwrap().0, NsReply::Done);
+        assert_eq!(ok.call(&NsRequest::Statfs, &[]).unwrap().0, 5, "the epoch");
         let e = RpcConn::connect(s.local_addr(), &wrong, t).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
     }
