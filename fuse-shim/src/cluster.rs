@@ -166,7 +166,13 @@ impl ClusterNs {
         }
         let inc = self.replica.incarnation();
         if let Some(o) = owned.as_mut() {
-            if o.incarnation == inc && !o.ns.status().failed {
+            // A copy whose log write failed while the chain stayed put stays failed
+            // (it refuses changes, as on a single node, until the chain moves): the
+            // write's outcome is unknown, and a reload at the same chain version
+            // could miss it or append over it. A refused (fenced) write means the
+            // chain moved: then the copy is dropped and reloaded.
+            let failed_in_place = o.ns.status().failed && o.chain_ver == chain.version;
+            if o.incarnation == inc && (!o.ns.status().failed || failed_in_place) {
                 if o.chain_ver != chain.version {
                     // Still the head, same incarnation: nobody else owned it meanwhile.
                     o.chain_ver = chain.version;
