@@ -531,8 +531,6 @@ struct Net {
     body_max: u32,
     /// Set when some op waits to be sent down or retried.
     want_down: bool,
-    /// `admitted()` at the last tick: resync jobs follow it.
-    was_admitted: bool,
     /// Queued ops whose turn came, to start from the loop.
     ready: Vec<u32>,
     last_tick: Instant,
@@ -582,7 +580,6 @@ impl Net {
             done: Vec::with_capacity(opts.ops_max * 2),
             body_max,
             want_down: false,
-            was_admitted: false,
             ready: Vec::with_capacity(opts.ops_max),
             last_tick: Instant::now(),
             last_dial: Instant::now(),
@@ -2085,19 +2082,11 @@ impl Net {
 
     // ---- resync --------------------------------------------------------------------------
 
-    /// One job per chain where this node serves and its successor syncs, while this
-    /// node is admitted: a fenced node may have been declared down, and a process
-    /// whose incarnation the table does not know (a restart not yet seen, or a second
-    /// node started with this one's id) must not copy its chunks over a target.
+    /// One job per chain where this node serves and its successor syncs.
     fn plan_syncs(&mut self) {
         let me = self.me();
         let mut wanted = Vec::new();
-        let chains = if self.admitted() {
-            &self.table.chains[..]
-        } else {
-            &[]
-        };
-        for c in chains {
+        for c in &self.table.chains {
             if c.state_of(me) != Some(TargetState::Serving) {
                 continue;
             }
@@ -2628,10 +2617,7 @@ impl Net {
 
     fn tick(&mut self) {
         self.last_tick = Instant::now();
-        if self.admitted() != self.was_admitted {
-            self.was_admitted = !self.was_admitted;
-            self.plan_syncs();
-        }
+
         // Handshakes that never finish.
         for i in 0..self.conns.len() {
             if let Some(c) = &mut self.conns[i] {
