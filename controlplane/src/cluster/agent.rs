@@ -150,49 +150,10 @@ impl Agent {
                     continue;
                 }
             };
-            // Register only if the id is free, or held by this node's own earlier
-            // start (same address, its lease not yet expired). Another address under
-            // the same id is a second node configured with this node_id: both would
-            // serve as one, so this one stays out (fenced) and says why.
-            let created = match self.etcd.create_if_absent(&key, &info, Some(lease)).await {
-                Ok(c) => c,
-                Err(e) => {
-                    self.error(&e);
-                    let _ = self.etcd.revoke(lease).await;
-                    tokio::time::sleep(beat).await;
-                    continue;
-                }
-            };
-            if !created {
-                let holder = match self.etcd.get(&key).await {
-                    Ok(kv) => kv.and_then(|kv| serde_json::from_slice::<NodeInfo>(&kv.value).ok()),
-                    Err(e) => {
-                        self.error(&e);
-                        let _ = self.etcd.revoke(lease).await;
-                        tokio::time::sleep(beat).await;
-                        continue;
-                    }
-                };
-                if let Some(h) = holder.filter(|h| h.addr != cfg.listen.to_string()) {
-                    let msg = format!(
-                        "cluster.node_id {} is already registered by the node at {}: two nodes \
-                         share this id; this one stays out of the cluster until the other \
-                         leaves (fix one of the configs)",
-                        cfg.node_id, h.addr
-                    );
-                    tracing::error!("{msg}");
-                    self.set(|s| s.last_error = Some(msg));
-                    let _ = self.etcd.revoke(lease).await;
-                    tokio::time::sleep(beat).await;
-                    continue;
-                }
-                // This node's own earlier start: take the key over.
-                if let Err(e) = self.etcd.put(&key, &info, Some(lease)).await {
-                    self.error(&e);
-                    let _ = self.etcd.revoke(lease).await;
-                    tokio::time::sleep(beat).await;
-                    continue;
-                }
+            if let Err(e) = self.etcd.put(&key, &info, Some(lease)).await {
+                self.error(&e);
+                tokio::time::sleep(beat).await;
+                continue;
             }
             *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
             *last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Some(sent);
