@@ -36,16 +36,30 @@ SPOOL_PKGS_QUICKSTART=(curl ca-certificates)
 # for the nemesis's partitions and throttles, iperf3 for the network's physical limit.
 SPOOL_PKGS_CLUSTER=(etcd-server etcd-client nftables iperf3)
 
+# Blob tier tests: Azurite (the Azure Storage emulator, from npm) runs on Node.js; the
+# independent client that checks what Spool uploaded is the azure-storage-blob Python
+# package (PyPI) in a venv. Both go to $SPOOL_TOOLS_DIR (see spool_deps_blob).
+SPOOL_PKGS_BLOB=(python3-venv)
+# npm comes with Debian's `npm` package, or bundled with a Node.js from elsewhere
+# (NodeSource): install Debian's only when there is no npm at all.
+command -v npm >/dev/null 2>&1 || SPOOL_PKGS_BLOB+=(nodejs npm)
+
 # Later issues add lists here, e.g.:
 #   SPOOL_PKGS_VMLAB=(qemu-system-x86 qemu-utils ...)    # NVMe/RDMA backends in a VM
-#   SPOOL_PKGS_BLOB=(...)                                 # blob tier tests (Azurite: npm)
 SPOOL_DEB_PKGS=(
     "${SPOOL_PKGS_BUILD[@]}"
     "${SPOOL_PKGS_TEST[@]}"
     "${SPOOL_PKGS_BENCH[@]}"
     "${SPOOL_PKGS_QUICKSTART[@]}"
     "${SPOOL_PKGS_CLUSTER[@]}"
+    "${SPOOL_PKGS_BLOB[@]}"
 )
+
+# Where the blob tier's test tools live (outside the checkout, shared by runs).
+SPOOL_TOOLS_DIR="${SPOOL_TOOLS_DIR:-/opt/spool-tools}"
+# Azurite 3.35 is the newest that runs on Debian 12's Node.js 18 (3.36+ need Node 22).
+SPOOL_AZURITE_VERSION="3.35.0"
+SPOOL_AZURE_BLOB_PY="azure-storage-blob==12.31.1"
 
 # Oldest cargo accepted; the workspace's rust-version wins when it can be read.
 SPOOL_MIN_RUST="1.85"
@@ -199,8 +213,39 @@ spool_deps_rust() {
     SPOOL_NEXTEST_VERSION="$(cargo nextest --version 2>/dev/null | head -n1 | awk '{print $2}')"
 }
 
+# Azurite from npm and the Azure SDK for Python from PyPI, each installed once into
+# $SPOOL_TOOLS_DIR (the registries are the only downloads).
+spool_deps_blob() {
+    local dir="$SPOOL_TOOLS_DIR" log
+    if [[ ! -x "$dir/azurite/node_modules/.bin/azurite-blob" ]]; then
+        spool_deps_say "installing Azurite $SPOOL_AZURITE_VERSION from npm into $dir/azurite"
+        mkdir -p "$dir/azurite"
+        log="$(mktemp /tmp/spool-install-azurite.XXXXXX.log)"
+        if ! (cd "$dir/azurite" && npm install --no-audit --no-fund --loglevel=error \
+            "azurite@$SPOOL_AZURITE_VERSION") </dev/null >"$log" 2>&1; then
+            tail -n 40 "$log" >&2
+            spool_deps_die "npm install azurite@$SPOOL_AZURITE_VERSION failed" "full log: $log" \
+                "the npm registry must be reachable"
+        fi
+        rm -f "$log"
+    fi
+    if ! "$dir/venv/bin/python" -c 'import azure.storage.blob' >/dev/null 2>&1; then
+        spool_deps_say "installing $SPOOL_AZURE_BLOB_PY from PyPI into $dir/venv"
+        log="$(mktemp /tmp/spool-install-venv.XXXXXX.log)"
+        if ! { /usr/bin/python3 -m venv "$dir/venv" &&
+            "$dir/venv/bin/pip" install -q "$SPOOL_AZURE_BLOB_PY"; } </dev/null >"$log" 2>&1; then
+            tail -n 40 "$log" >&2
+            spool_deps_die "creating $dir/venv with $SPOOL_AZURE_BLOB_PY failed" "full log: $log" \
+                "PyPI must be reachable; Debian's python3-venv must be installed"
+        fi
+        rm -f "$log"
+    fi
+    export SPOOL_TOOLS_DIR
+}
+
 spool_install_deps() {
     spool_deps_apt
+    spool_deps_blob
     spool_deps_rust
     spool_deps_say "ok: ${#SPOOL_DEB_PKGS[@]} Debian packages present, cargo $SPOOL_CARGO_VERSION, cargo-nextest $SPOOL_NEXTEST_VERSION"
 }

@@ -51,7 +51,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const SOCKET_PATH_MAX_BYTES: usize = 107;
 
-const COMMANDS: &str = "status, perf dump, config show, log level, mount, umount";
+const COMMANDS: &str =
+    "status, perf dump, config show, log level, mount, umount, flush, blob status";
 
 /// What the admin socket serves. Implemented by the daemon. The methods run on a
 /// blocking-task thread, so they may take locks or do short I/O.
@@ -69,6 +70,11 @@ pub trait AdminTarget: Send + Sync + 'static {
     fn mount(&self, path: &str) -> Result<Value, String>;
     /// `{"cmd":"umount"}`: unmounts it (dirty data flushed first).
     fn umount(&self) -> Result<Value, String>;
+    /// `{"cmd":"flush","path":P}`: files under `P` (a path in the mount; all when
+    /// absent) upload to the blob store now; returns what is left to upload.
+    fn flush(&self, path: Option<&str>) -> Result<Value, String>;
+    /// `{"cmd":"blob status","path":P}`: what is left to upload under `P`.
+    fn blob_status(&self, path: Option<&str>) -> Result<Value, String>;
 }
 
 /// A parsed admin request (public for the fuzz target and its corpus test).
@@ -80,6 +86,8 @@ pub enum Request {
     LogLevel(String),
     Mount(String),
     Umount,
+    Flush(Option<String>),
+    BlobStatus(Option<String>),
 }
 
 /// The fuzz target's body (dataplane/fuzz `admin_request`, and the corpus replay in
@@ -96,6 +104,8 @@ pub fn fuzz_parse_request(data: &[u8]) {
                 Request::LogLevel(level) => serde_json::json!({"cmd": "log level", "level": level}),
                 Request::Mount(path) => serde_json::json!({"cmd": "mount", "path": path}),
                 Request::Umount => serde_json::json!({"cmd": "umount"}),
+                Request::Flush(p) => serde_json::json!({"cmd": "flush", "path": p}),
+                Request::BlobStatus(p) => serde_json::json!({"cmd": "blob status", "path": p}),
             };
             let again = parse_request(canonical.to_string().as_bytes());
             assert_eq!(again, Ok(Some(req)), "canonical form of a parsed request");
@@ -158,9 +168,25 @@ pub fn parse_request(line: &[u8]) -> Result<Option<Request>, String> {
             }
         },
         "umount" => Request::Umount,
+        "flush" => Request::Flush(optional_path(obj, "flush")?),
+        "blob status" => Request::BlobStatus(optional_path(obj, "blob status")?),
         other => return Err(format!("unknown command {other:?}; commands: {COMMANDS}")),
     };
     Ok(Some(request))
+}
+
+/// An optional string field "path" (null or absent: none).
+fn optional_path(
+    obj: &serde_json::Map<String, Value>,
+    cmd: &str,
+) -> Result<Option<String>, String> {
+    match obj.get("path") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(p)) => Ok(Some(p.clone())),
+        Some(_) => Err(format!(
+            r#"{cmd}: "path" must be a string, e.g. {{"cmd":"{cmd}","path":"/mnt/spool/ckpt"}}"#
+        )),
+    }
 }
 
 fn ok_reply(result: Value) -> Vec<u8> {
@@ -191,6 +217,8 @@ async fn execute(target: &Arc<dyn AdminTarget>, request: Request) -> Vec<u8> {
         Request::LogLevel(_) => "log level",
         Request::Mount(_) => "mount",
         Request::Umount => "umount",
+        Request::Flush(_) => "flush",
+        Request::BlobStatus(_) => "blob status",
     };
     tracing::debug!(cmd = name, "admin request");
     let outcome = tokio::task::spawn_blocking(move || match request {
@@ -202,6 +230,8 @@ async fn execute(target: &Arc<dyn AdminTarget>, request: Request) -> Vec<u8> {
             .map(|()| json!({ "level": level })),
         Request::Mount(path) => target.mount(&path),
         Request::Umount => target.umount(),
+        Request::Flush(p) => target.flush(p.as_deref()),
+        Request::BlobStatus(p) => target.blob_status(p.as_deref()),
     })
     .await;
     match outcome {

@@ -5,6 +5,7 @@
 //! `dataplane.cores = 0: must be between 1 and 64`. All problems of a file are
 //! reported together.
 
+pub mod blob;
 pub mod size;
 
 use std::collections::BTreeSet;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use blob::{BlobBackend, BlobConfig, BlobMode};
 pub use size::{ByteSize, ParseSizeError};
 
 use crate::Error;
@@ -50,6 +52,10 @@ pub struct Config {
     /// replication over TCP); absent = a single node, no etcd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// `[blob]`: present = the mount drains to (and later reads through from) an object
+    /// store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<BlobConfig>,
 }
 
 /// `[cluster]`: membership in etcd and replication between nodes.
@@ -602,6 +608,9 @@ impl Config {
         self.mount.check(&mut p);
         if let Some(c) = &self.cluster {
             c.check(&mut p);
+        }
+        if let Some(b) = &self.blob {
+            b.check(&mut p);
         }
         // Each FUSE thread holds up to two buffers while it waits for more.
         let need = 2 * self.mount.threads + 8;

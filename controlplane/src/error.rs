@@ -92,4 +92,8 @@ pub enum Error {
         /// What happened.
         reason: String,
     },
+
+    /// The object store: a config that cannot be used, or a request that failed.
+    #[error("{0}")]
+    Blob(String),
 }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod blob;
 pub mod cluster;
 pub mod config;
 pub mod error;

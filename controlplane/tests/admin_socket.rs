@@ -50,6 +50,12 @@ impl AdminTarget for FakeDaemon {
     fn umount(&self) -> Result<Value, String> {
         Err("nothing is mounted".to_owned())
     }
+    fn flush(&self, _path: Option<&str>) -> Result<Value, String> {
+        Err("no [blob] store is configured".to_owned())
+    }
+    fn blob_status(&self, _path: Option<&str>) -> Result<Value, String> {
+        Err("no [blob] store is configured".to_owned())
+    }
 }
 
 fn fake() -> Arc<FakeDaemon> {

@@ -350,8 +350,9 @@ impl ClusterNs {
         }
     }
 
-    /// The namespace when this node owns it (for the flusher and unmount).
-    fn local(&self) -> Option<Arc<Namespace>> {
+    /// The namespace when this node owns it (for the flusher, unmount and the blob
+    /// tier's uploader).
+    pub fn local(&self) -> Option<Arc<Namespace>> {
         self.owned
             .lock()
             .unwrap_or_else(|p| p.into_inner())

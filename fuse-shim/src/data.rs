@@ -211,6 +211,7 @@ impl Namespace {
         if len == 0 {
             return Ok(());
         }
+        self.blob_touch(ino)?;
         let end = off.checked_add(len).ok_or(Error::Errno(libc::EFBIG))?;
         if end > self.file_size_max() {
             return errno(libc::EFBIG);
@@ -383,6 +384,7 @@ impl Namespace {
         if new_size > self.file_size_max() {
             return errno(libc::EFBIG);
         }
+        self.blob_touch(ino)?;
         let io = self.io_lock(ino)?;
         let _g = io.write().unwrap_or_else(|p| p.into_inner());
         let old = self.getattr(ino)?.size;
@@ -397,6 +399,7 @@ impl Namespace {
         if new_size < old {
             self.purge_past_size(ino)?;
         }
+        self.blob_synced(ino);
         Ok(())
     }
 
@@ -418,6 +421,7 @@ impl Namespace {
             m if m == PUNCH | KEEP_SIZE || m == ZERO || m == ZERO | KEEP_SIZE => true,
             _ => return errno(libc::EOPNOTSUPP),
         };
+        self.blob_touch(ino)?;
         let io = self.io_lock(ino)?;
         let _g = io.write().unwrap_or_else(|p| p.into_inner());
         let size = self.getattr(ino)?.size;
@@ -450,6 +454,7 @@ impl Namespace {
                 Ok(())
             })?;
         }
+        self.blob_synced(ino);
         Ok(())
     }
 }

@@ -30,6 +30,8 @@ pub struct MountOpts {
     pub cache: Cache,
     pub threads: usize,
     pub buffers: usize,
+    /// More TOML for the config (e.g. a `[blob]` section).
+    pub extra: String,
 }
 
 impl Default for MountOpts {
@@ -41,6 +43,7 @@ impl Default for MountOpts {
             cache: Cache::Direct,
             threads: 4,
             buffers: 32,
+            extra: String::new(),
         }
     }
 }
@@ -78,7 +81,7 @@ impl MountedNode {
              [hugepages]\npolicy = \"none\"\nbuffers = {buffers}\n\
              [admin]\nsocket = \"{sock}\"\n\
              [mount]\nmountpoint = \"{mnt}\"\nthreads = {threads}\n\
-             direct_io = {dio}\nwriteback_cache = {wb}\n",
+             direct_io = {dio}\nwriteback_cache = {wb}\n{extra}\n",
             d = dir.path().display(),
             size = opts.device_size,
             cs = opts.chunk_size,
@@ -89,6 +92,7 @@ impl MountedNode {
             threads = opts.threads,
             dio = opts.cache == Cache::Direct,
             wb = opts.cache == Cache::Writeback,
+            extra = opts.extra,
         );
         std::fs::write(&config, text).expect("config");
         let mut node = MountedNode {

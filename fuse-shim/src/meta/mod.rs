@@ -6,6 +6,7 @@
 //! outside the lock, wait until they are durable and only then reply. Records queue in
 //! apply order, so an op that depends on another's effect is always logged after it.
 
+pub mod blob;
 pub mod log;
 pub mod record;
 pub mod state;
@@ -86,6 +87,8 @@ pub struct Namespace {
     pub(crate) io: Arc<ChunkIo>,
     pub chunk_size: u64,
     checkpointing: AtomicBool,
+    /// The blob tier's uploader runs for this namespace (see `blob`).
+    blob_on: AtomicBool,
 }
 
 impl Namespace {
@@ -129,6 +132,7 @@ impl Namespace {
                 st.apply(r)?;
             }
         }
+        Self::blob_after_load(&mut st);
         if !st.nodes.contains_key(&ROOT_INO) {
             return Err(Error::corrupt("namespace", "no root directory"));
         }
@@ -139,6 +143,7 @@ impl Namespace {
             io,
             chunk_size,
             checkpointing: AtomicBool::new(false),
+            blob_on: AtomicBool::new(false),
         };
         ns.recover()?;
         Ok(ns)
@@ -453,6 +458,9 @@ impl Namespace {
                 v.nlink = v.nlink.saturating_sub(1);
                 v.ctime_ns = t;
                 free_after = v.nlink == 0 && !victim.in_use();
+                if v.nlink == 0 {
+                    recs.extend(blob::tombstone(&st, ino));
+                }
                 recs.push(Record::Inode(v));
             }
         }
@@ -548,6 +556,9 @@ impl Namespace {
                     vr.ctime_ns = t;
                     if vr.nlink == 0 && !v.in_use() {
                         free_after = Some(dst);
+                    }
+                    if vr.nlink == 0 {
+                        recs.extend(blob::tombstone(&st, dst));
                     }
                     recs.push(Record::Inode(vr));
                 }
@@ -740,6 +751,15 @@ impl Namespace {
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         let st = self.lock();
+        if name == blob::STATE_XATTR {
+            st.node(ino)?;
+            return self
+                .blob_state_view(&st, ino)
+                .ok_or(Error::Errno(libc::ENODATA));
+        }
+        if name.starts_with(blob::INTERNAL_PREFIX) {
+            return errno(libc::ENODATA);
+        }
         st.node(ino)?
             .xattrs
             .get(name)
@@ -751,7 +771,13 @@ impl Namespace {
         let st = self.lock();
         let mut out = Vec::new();
         for k in st.node(ino)?.xattrs.keys() {
-            out.extend_from_slice(k);
+            if !k.starts_with(blob::INTERNAL_PREFIX) {
+                out.extend_from_slice(k);
+                out.push(0);
+            }
+        }
+        if self.blob_state_view(&st, ino).is_some() {
+            out.extend_from_slice(blob::STATE_XATTR);
             out.push(0);
         }
         Ok(out)
@@ -767,6 +793,7 @@ impl Namespace {
         if name.starts_with(b"system.posix_acl_") {
             return errno(libc::EOPNOTSUPP);
         }
+        Self::xattr_reserved(name)?;
         let st = self.lock();
         let n = st.node(ino)?;
         let exists = n.xattrs.contains_key(name);
@@ -799,6 +826,7 @@ impl Namespace {
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        Self::xattr_reserved(name)?;
         let st = self.lock();
         let n = st.node(ino)?;
         if !n.xattrs.contains_key(name) {
@@ -824,6 +852,7 @@ impl Namespace {
         let Ok(n) = st.node_mut(ino) else {
             return Ok(());
         };
+        n.written_unsynced = false;
         if !n.dirty {
             // Another thread (the flusher, another close, an update) may have queued
             // this inode's record and not yet seen it durable: wait for it too.

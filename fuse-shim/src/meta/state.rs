@@ -66,6 +66,16 @@ pub struct Node {
     /// writeback); writes that read-modify-write a partial block, truncates and
     /// fallocate take it alone.
     pub io: Arc<std::sync::RwLock<()>>,
+    /// Blob tier (see `meta::blob`): written since the last close or fsync, so the
+    /// uploader leaves it alone until its writer is done.
+    pub written_unsynced: bool,
+    /// The blob holds this file's content and the log says so: the next data change
+    /// must first log that it no longer does.
+    pub blob_clean: bool,
+    /// The log position of the record saying the blob is stale (0: none queued).
+    pub blob_stale_lsn: u64,
+    /// The uploader is sending this file now.
+    pub blob_flushing: bool,
 }
 
 impl Node {
@@ -110,6 +120,10 @@ impl State {
                     lookups: 0,
                     dirty: false,
                     io: Arc::default(),
+                    written_unsynced: false,
+                    blob_clean: false,
+                    blob_stale_lsn: 0,
+                    blob_flushing: false,
                 });
                 if n.rec.kind != rec.kind {
                     return Err(Error::corrupt(

@@ -50,8 +50,11 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Show the daemon's state: device, shards, cores, capacity.
+    /// Show the daemon's state: device, shards, cores, capacity; with PATH, the
+    /// blob state of a file in the mount (dirty, flushing, or in-blob with its ETag).
     Status {
+        /// A file in the mount.
+        path: Option<PathBuf>,
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         socket: PathBuf,
         /// Print the raw JSON.
@@ -87,6 +90,20 @@ enum Cmd {
     },
     /// Unmount it: dirty data is flushed and the namespace checkpointed first.
     Umount {
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Upload dirty files to the blob store now (all, or those under PATH) instead of
+    /// after the writeback delay; with --wait, show progress until they are there.
+    Flush {
+        /// A file or directory in the mount (absolute, or relative to the mount).
+        path: Option<String>,
+        /// Wait until every file under PATH is in the store.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up (exit 1) after this many seconds; 0 waits forever.
+        #[arg(long, default_value_t = 0)]
+        timeout_s: u64,
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         socket: PathBuf,
     },
@@ -182,6 +199,19 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Status {
+            path: Some(path), ..
+        } => {
+            println!("{}: {}", path.display(), file_blob_state(&path)?);
+            Ok(())
+        }
+        Cmd::Flush {
+            path,
+            wait,
+            timeout_s,
+            socket,
+        } => flush(&socket, path.as_deref(), wait, timeout_s),
+        Cmd::Status {
+            path: None,
             socket,
             json,
             ready,
@@ -249,6 +279,68 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             cmd: BenchCmd::CheckpointRank(a),
         } => bench_checkpoint::rank(&a),
+    }
+}
+
+/// The `user.spool.state` xattr of a file in a mount.
+fn file_blob_state(path: &std::path::Path) -> Result<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut buf = vec![0u8; 8192];
+    match spool_ffi::posix::getxattr(&c, c"user.spool.state", &mut buf) {
+        Ok(n) => Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(
+            "no blob state (not a regular file in a Spool mount with a [blob] writeback store)"
+                .to_owned(),
+        ),
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    }
+}
+
+/// `spool flush`: asks for the upload, then (with `wait`) polls the backlog.
+fn flush(socket: &std::path::Path, path: Option<&str>, wait: bool, timeout_s: u64) -> Result<()> {
+    let abs = path.map(|p| match std::path::absolute(p) {
+        Ok(a) if p.starts_with('/') || std::path::Path::new(p).exists() => a.display().to_string(),
+        _ => p.to_owned(),
+    });
+    let mut v = ask(socket, json!({"cmd": "flush", "path": abs}))?;
+    let t0 = std::time::Instant::now();
+    loop {
+        let b = &v["backlog"];
+        let files = b["dirty_files"].as_u64().unwrap_or(0);
+        let bytes = b["dirty_bytes"].as_u64().unwrap_or(0);
+        let unkeyable = b["unkeyable_files"].as_u64().unwrap_or(0);
+        let tombstones = b["tombstones"].as_u64().unwrap_or(0);
+        let done = files == unkeyable && (path.is_some() || tombstones == 0);
+        let mut line = format!(
+            "{files} file(s), {:.1} MiB left ({} flushing, {} still open for writing)",
+            bytes as f64 / (1u64 << 20) as f64,
+            b["flushing_files"],
+            b["writing_files"],
+        );
+        if let Some(e) = v["last_error"].as_str() {
+            line.push_str(&format!("; last error: {e}"));
+        }
+        if !wait || done {
+            if unkeyable > 0 {
+                line.push_str(&format!("; {unkeyable} file(s) have names that cannot be blob keys and stay in the cache only"));
+            }
+            println!(
+                "{}",
+                if done {
+                    format!("flushed: {line}")
+                } else {
+                    line
+                }
+            );
+            return Ok(());
+        }
+        println!("{line}");
+        if timeout_s > 0 && t0.elapsed().as_secs() >= timeout_s {
+            anyhow::bail!("not flushed after {timeout_s} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        v = ask(socket, json!({"cmd": "blob status", "path": abs}))?;
     }
 }
 

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use spool_controlplane::admin::{AdminServer, AdminTarget};
+use spool_controlplane::blob::{self, NsSource, Writeback};
 use spool_controlplane::cluster::agent::Agent;
-use spool_controlplane::config::{Config, DeviceBackend, HugepagePolicy};
+use spool_controlplane::config::{BlobMode, Config, DeviceBackend, HugepagePolicy};
 use spool_controlplane::logging::{self, LogHandle};
 use spool_controlplane::{metrics, shutdown};
 use spool_dataplane::device::mem::MemDevice;
@@ -93,6 +94,8 @@ struct Node {
     /// Cluster mode: the cluster-wide namespace (run here while this node owns it,
     /// forwarded to the owner otherwise) and the RPC that serves it to other nodes.
     cluster_ns: Option<(Arc<ClusterNs>, RpcServer)>,
+    /// `[blob]` in writeback mode: the uploader.
+    blob: std::sync::OnceLock<Writeback>,
 }
 
 impl Node {
@@ -158,6 +161,45 @@ impl Node {
 
 impl Node {
     /// Membership, chains and resyncs as `spool status` shows them.
+    /// The namespace when it runs here: this node's own (once loaded), or the
+    /// cluster's while this node owns it.
+    fn running_namespace(&self) -> Option<Arc<Namespace>> {
+        match &self.cluster_ns {
+            Some((c, _)) => c.local(),
+            None => self.ns.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
+    /// `path` as a path in the mount: relative paths are taken as such; absolute
+    /// ones must lie under the mountpoint.
+    fn mount_path(&self, path: Option<&str>) -> Result<String, String> {
+        let Some(p) = path else {
+            return Ok(String::new());
+        };
+        if !p.starts_with('/') {
+            return Ok(p.trim_matches('/').to_owned());
+        }
+        let mp = self
+            .mount
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|m| m.mountpoint().to_owned())
+            .or_else(|| self.config.mount.mountpoint.clone())
+            .ok_or_else(|| format!("{p}: nothing is mounted; give a path relative to the mount"))?;
+        Path::new(p)
+            .strip_prefix(&mp)
+            .map(|r| r.to_string_lossy().into_owned())
+            .map_err(|_| format!("{p} is not under the mount {}", mp.display()))
+    }
+
+    fn writeback(&self) -> Result<&Writeback, String> {
+        self.blob.get().ok_or_else(|| {
+            "no blob writeback here: the config has no [blob] section, or its mode is cache-only"
+                .to_owned()
+        })
+    }
+
     fn cluster_status(&self) -> Value {
         let Some(r) = &self.replica else {
             return Value::Null;
@@ -223,6 +265,11 @@ impl AdminTarget for Node {
             "engine": self.engine.status(),
             "mount": mount,
             "cluster": self.cluster_status(),
+            "blob": self.blob.get().map(|w| {
+                let mut v = w.status();
+                v["backlog"] = json!(w.backlog(""));
+                v
+            }),
         })
     }
     fn perf_dump(&self) -> Value {
@@ -244,6 +291,23 @@ impl AdminTarget for Node {
         self.do_umount()
             .map(|p| json!({"mountpoint": p}))
             .map_err(|e| format!("{e:#}"))
+    }
+    fn flush(&self, path: Option<&str>) -> Result<Value, String> {
+        let w = self.writeback()?;
+        let p = self.mount_path(path)?;
+        w.flush(&p);
+        self.blob_status(path)
+    }
+    fn blob_status(&self, path: Option<&str>) -> Result<Value, String> {
+        let w = self.writeback()?;
+        let p = self.mount_path(path)?;
+        let backlog = w.backlog(&p).ok_or(
+            "the namespace does not run on this node (ask the namespace owner: spool status shows it)",
+        )?;
+        let mut v = w.status();
+        v["path"] = json!(p);
+        v["backlog"] = json!(backlog);
+        Ok(v)
     }
 }
 
@@ -438,7 +502,14 @@ pub fn serve(config_path: &Path) -> Result<()> {
         replica,
         agent: std::sync::OnceLock::new(),
         cluster_ns,
+        blob: std::sync::OnceLock::new(),
     });
+    if let Some(b) = cfg.blob.as_ref().filter(|b| b.mode == BlobMode::Writeback) {
+        let store = blob::store::open(b)?;
+        let weak = Arc::downgrade(&node);
+        let source: NsSource = Arc::new(move || weak.upgrade()?.running_namespace());
+        let _ = node.blob.set(Writeback::new(b.clone(), store, source));
+    }
     // In cluster mode the mount waits for membership: its first calls need a chain
     // table to find the namespace.
     if let (Some(mp), None) = (&cfg.mount.mountpoint, &cfg.cluster) {
@@ -462,10 +533,19 @@ pub fn serve(config_path: &Path) -> Result<()> {
         let (stop_tx, stop_rx) = shutdown::channel();
         let admin = AdminServer::bind(&cfg.admin.socket, node.clone() as Arc<dyn AdminTarget>).await?;
         let admin_task = tokio::spawn(admin.run(stop_rx.clone()));
+        let (blob_stop_tx, blob_stop_rx) = shutdown::channel();
+        let blob_task = node.blob.get().map(|w| tokio::spawn(w.clone().run(blob_stop_rx)));
         let metrics_task = match cfg.metrics.listen {
             Some(addr) => {
                 let perf = Arc::clone(engine.perf());
-                let render = move || perf.snapshot().to_prometheus("spool_");
+                let blob = node.blob.get().cloned();
+                let render = move || {
+                    let mut text = perf.snapshot().to_prometheus("spool_");
+                    if let Some(w) = &blob {
+                        text.push_str(&w.prometheus());
+                    }
+                    text
+                };
                 let server = metrics::MetricsServer::bind(addr, Arc::new(render)).await?;
                 Some(tokio::spawn(server.run(stop_rx.clone())))
             }
@@ -483,6 +563,17 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 Ok(Ok(p)) => tracing::info!(mountpoint = %p.display(), "unmounted"),
                 Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "unmount"),
                 Err(e) => tracing::error!(error = %e, "unmount task"),
+            }
+        }
+        if let (Some(w), Some(t)) = (node.blob.get(), blob_task) {
+            // Closed files upload now, within blob.shutdown_flush_ms; the rest resumes
+            // after the next start (the log knows what is dirty).
+            blob_stop_tx.send_replace(true);
+            if let Err(e) = t.await {
+                tracing::warn!(error = %e, "blob writeback task");
+            }
+            if let Some(left) = w.drain().await {
+                tracing::info!(dirty_files = left.dirty_files, dirty_bytes = left.dirty_bytes, "blob: shutdown flush done");
             }
         }
         if let Some(a) = node.agent.get() {

@@ -1,0 +1,194 @@
+//! `[blob]`: the object store the mount drains to (docs/BLOB.md).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::ByteSize;
+
+/// Object store backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobBackend {
+    /// Azure Blob Storage (or Azurite): `account`, `container`, credentials.
+    Azure,
+    /// A directory (tests, or a shared filesystem): `path`.
+    Local,
+}
+
+/// What the mount does with the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlobMode {
+    /// Files drain to the store in the background after close or fsync plus
+    /// `writeback_delay_ms`.
+    #[default]
+    Writeback,
+    /// Nothing is uploaded.
+    CacheOnly,
+}
+
+/// `[blob]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobConfig {
+    pub backend: BlobBackend,
+    #[serde(default)]
+    pub mode: BlobMode,
+    /// Azure: the container (it must exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// Azure: the storage account. Default: `AZURE_STORAGE_ACCOUNT_NAME` from the
+    /// environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Azure: the account URL, e.g. `http://127.0.0.1:10000/devstoreaccount1` for
+    /// Azurite. Default: `https://ACCOUNT.blob.core.windows.net`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Azure: a file holding the account key. Without it (and without `sas_file`),
+    /// credentials come from the environment as the Azure SDKs read them (account key,
+    /// SAS, managed identity, AKS workload identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Azure: a file holding a SAS token (the query string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sas_file: Option<PathBuf>,
+    /// Local: the directory (it must exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Keys are this prefix plus the path in the mount (`a/b.bin`); empty or ending
+    /// in `/`.
+    #[serde(default)]
+    pub prefix: String,
+    /// How long a file rests after its last change (and close or fsync) before it
+    /// uploads, 0..86400000 (default 2000).
+    #[serde(default = "d_delay")]
+    pub writeback_delay_ms: u64,
+    /// Bytes per block of a large file's upload, 1MiB..100MiB (default 8MiB). Files up
+    /// to this size go in one request.
+    #[serde(default = "d_part")]
+    pub part_size: ByteSize,
+    /// Blocks of one file in flight at once, 1..64 (default 4). Memory held by uploads
+    /// is at most `files_in_flight x parts_in_flight x part_size`.
+    #[serde(default = "d_parts")]
+    pub parts_in_flight: usize,
+    /// Files uploading at once, 1..64 (default 4).
+    #[serde(default = "d_files")]
+    pub files_in_flight: usize,
+    /// How often the namespace is scanned for dirty files, 100..600000 (default 1000).
+    #[serde(default = "d_scan")]
+    pub scan_interval_ms: u64,
+    /// Longest wait between retries of a failing upload, 100..3600000 (default 30000);
+    /// waits double from 250 ms with jitter.
+    #[serde(default = "d_retry")]
+    pub retry_delay_max_ms: u64,
+    /// How long a clean shutdown keeps uploading dirty files, 0..86400000 (default
+    /// 60000); what is left uploads after the next start.
+    #[serde(default = "d_shutdown")]
+    pub shutdown_flush_ms: u64,
+}
+
+fn d_delay() -> u64 {
+    2000
+}
+fn d_part() -> ByteSize {
+    ByteSize::mib(8)
+}
+fn d_parts() -> usize {
+    4
+}
+fn d_files() -> usize {
+    4
+}
+fn d_scan() -> u64 {
+    1000
+}
+fn d_retry() -> u64 {
+    30_000
+}
+fn d_shutdown() -> u64 {
+    60_000
+}
+
+fn range(p: &mut Vec<String>, key: &str, v: u64, min: u64, max: u64) {
+    if !(min..=max).contains(&v) {
+        p.push(format!("blob.{key} = {v}: must be between {min} and {max}"));
+    }
+}
+
+impl BlobConfig {
+    pub(super) fn check(&self, p: &mut Vec<String>) {
+        range(
+            p,
+            "writeback_delay_ms",
+            self.writeback_delay_ms,
+            0,
+            86_400_000,
+        );
+        range(p, "parts_in_flight", self.parts_in_flight as u64, 1, 64);
+        range(p, "files_in_flight", self.files_in_flight as u64, 1, 64);
+        range(p, "scan_interval_ms", self.scan_interval_ms, 100, 600_000);
+        range(
+            p,
+            "retry_delay_max_ms",
+            self.retry_delay_max_ms,
+            100,
+            3_600_000,
+        );
+        range(
+            p,
+            "shutdown_flush_ms",
+            self.shutdown_flush_ms,
+            0,
+            86_400_000,
+        );
+        let part = self.part_size.0;
+        if !(1 << 20..=100 << 20).contains(&part) {
+            p.push(format!(
+                "blob.part_size = {}: must be between 1MiB and 100MiB",
+                self.part_size
+            ));
+        }
+        if !self.prefix.is_empty() && !self.prefix.ends_with('/') {
+            p.push(format!(
+                "blob.prefix = {:?}: must be empty or end with '/'",
+                self.prefix
+            ));
+        }
+        if self.prefix.starts_with('/') || self.prefix.contains("//") {
+            p.push(format!(
+                "blob.prefix = {:?}: must not start with '/' or hold an empty segment",
+                self.prefix
+            ));
+        }
+        match self.backend {
+            BlobBackend::Azure => {
+                if self.container.as_deref().is_none_or(str::is_empty) {
+                    p.push("blob.container: required for backend = \"azure\"".to_owned());
+                }
+                if self.path.is_some() {
+                    p.push("blob.path: only for backend = \"local\"".to_owned());
+                }
+                if self.key_file.is_some() && self.sas_file.is_some() {
+                    p.push("blob.sas_file: give key_file or sas_file, not both".to_owned());
+                }
+                if let Some(e) = &self.endpoint {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        p.push(format!(
+                            "blob.endpoint = {e:?}: must be an http:// or https:// URL"
+                        ));
+                    }
+                }
+            }
+            BlobBackend::Local => match &self.path {
+                Some(d) if d.is_absolute() => {}
+                Some(d) => p.push(format!(
+                    "blob.path = {:?}: must be an absolute path",
+                    d.display().to_string()
+                )),
+                None => p.push("blob.path: required for backend = \"local\"".to_owned()),
+            },
+        }
+    }
+}

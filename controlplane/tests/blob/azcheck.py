@@ -1,0 +1,51 @@
+"""The independent client of the blob tests: the Azure SDK for Python against Azurite.
+
+Usage: azcheck.py ENDPOINT CONTAINER COMMAND [ARGS]
+  create               create the container (ok if it exists)
+  list                 one line per blob: NAME SIZE SHA256 ETAG
+  get NAME FILE        download a blob into FILE
+  put NAME FILE        upload FILE as a blob
+ENDPOINT is the account URL, e.g. http://127.0.0.1:10000/devstoreaccount1.
+"""
+import hashlib
+import sys
+
+from azure.core.exceptions import ResourceExistsError
+from azure.storage.blob import BlobServiceClient
+
+# Azurite's well-known account (public, the same in every Azurite).
+ACCOUNT = "devstoreaccount1"
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def main():
+    endpoint, container, cmd, *args = sys.argv[1:]
+    conn = (
+        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
+        f"BlobEndpoint={endpoint};"
+    )
+    svc = BlobServiceClient.from_connection_string(conn)
+    c = svc.get_container_client(container)
+    if cmd == "create":
+        try:
+            c.create_container()
+        except ResourceExistsError:
+            pass
+    elif cmd == "list":
+        for b in c.list_blobs():
+            data = c.download_blob(b.name).readall()
+            print(b.name, b.size, hashlib.sha256(data).hexdigest(), b.etag)
+    elif cmd == "get":
+        name, path = args
+        with open(path, "wb") as f:
+            f.write(c.download_blob(name).readall())
+    elif cmd == "put":
+        name, path = args
+        with open(path, "rb") as f:
+            c.upload_blob(name, f, overwrite=True)
+    else:
+        sys.exit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main()
