@@ -568,3 +568,46 @@ fn cluster_section_is_optional_and_checked_by_key() {
     let m = with(&format!("{CLUSTER}[mount]\nmountpoint = \"/mnt/spool\"\n")).unwrap();
     assert!(m.cluster.is_some() && m.mount.mountpoint.is_some());
 }
+
+#[test]
+fn blob_section_defaults_and_round_trip() {
+    let c =
+        with("[blob]\nbackend = \"azure\"\ncontainer = \"ckpt\"\naccount = \"acct\"\n").unwrap();
+    let b = c.blob.as_ref().unwrap();
+    assert_eq!(b.mode, BlobMode::Writeback);
+    assert_eq!(b.writeback_delay_ms, 2000);
+    assert_eq!(b.part_size, ByteSize::mib(8));
+    assert_eq!(Config::from_toml_str(&c.to_toml_string()).unwrap(), c);
+    let l =
+        with("[blob]\nbackend = \"local\"\npath = \"/srv/blob\"\nmode = \"cache-only\"\n").unwrap();
+    assert_eq!(l.blob.unwrap().mode, BlobMode::CacheOnly);
+}
+
+#[test]
+fn blob_values_are_checked_with_their_keys() {
+    let p = device(
+        "[blob]\nbackend = \"azure\"\nprefix = \"/abs\"\npart_size = \"512KiB\"\n\
+         files_in_flight = 0\nendpoint = \"ftp://x\"\npath = \"/x\"\n",
+    );
+    assert_has(
+        &p,
+        &[
+            "blob.container: required",
+            "blob.prefix = \"/abs\": must be empty or end with '/'",
+            "blob.prefix = \"/abs\": must not start with '/'",
+            "blob.part_size = 512KiB: must be between 1MiB and 100MiB",
+            "blob.files_in_flight = 0: must be between 1 and 64",
+            "blob.endpoint = \"ftp://x\"",
+            "blob.path: only for backend = \"local\"",
+        ],
+    );
+    assert_has(
+        &device("[blob]\nbackend = \"local\"\npath = \"rel\"\n"),
+        &["blob.path = \"rel\": must be an absolute path"],
+    );
+    assert_has(&device("[blob]\nbackend = \"gcs\"\n"), &["blob.backend"]);
+    assert_has(
+        &device("[blob]\nbackend = \"local\"\npath = \"/x\"\ntypo = 1\n"),
+        &["typo"],
+    );
+}
