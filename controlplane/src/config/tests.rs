@@ -611,3 +611,26 @@ fn blob_values_are_checked_with_their_keys() {
         &["typo"],
     );
 }
+
+#[test]
+fn example_blob_section_loads_when_uncommented() {
+    let example = include_str!("../../../deploy/examples/single-node.toml");
+    let (head, tail) = example.split_once("# [blob]\n").expect("a [blob] example");
+    let mut text = format!("{head}[blob]\n");
+    for line in tail.lines() {
+        // `# key = value` lines are the settings; other comment lines explain them.
+        if let Some(kv) = line.strip_prefix("# ").filter(|l| {
+            l.split_once(" = ")
+                .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        }) {
+            text.push_str(kv);
+            text.push('\n');
+        }
+    }
+    // The example shows both credential files as alternatives; keep one.
+    let text = text.replace("sas_file = \"/etc/spool/azure.sas\"\n", "");
+    let c = Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let b = c.blob.unwrap();
+    assert_eq!(b.container.as_deref(), Some("checkpoints"));
+    assert_eq!(b.prefix, "job-7/");
+}
