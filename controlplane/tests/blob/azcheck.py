@@ -5,13 +5,20 @@ Usage: azcheck.py ENDPOINT CONTAINER COMMAND [ARGS]
   list                 one line per blob: NAME SIZE SHA256 ETAG
   get NAME FILE        download a blob into FILE
   put NAME FILE        upload FILE as a blob
+  upload-dir DIR PREFIX CONCURRENCY
+                       upload every file of DIR as PREFIX+NAME, all files at once, each
+                       with CONCURRENCY parallel block uploads; prints the seconds taken
+  sas                  prints a read-write SAS URL of the container (for rclone)
 ENDPOINT is the account URL, e.g. http://127.0.0.1:10000/devstoreaccount1.
 """
 import hashlib
+import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from azure.core.exceptions import ResourceExistsError
-from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
 
 # Azurite's well-known account (public, the same in every Azurite).
 ACCOUNT = "devstoreaccount1"
@@ -43,6 +50,29 @@ def main():
         name, path = args
         with open(path, "rb") as f:
             c.upload_blob(name, f, overwrite=True)
+    elif cmd == "sas":
+        from datetime import datetime, timedelta, timezone
+
+        token = generate_container_sas(
+            ACCOUNT,
+            container,
+            account_key=KEY,
+            permission=ContainerSasPermissions(read=True, write=True, delete=True, list=True, add=True, create=True),
+            expiry=datetime.now(timezone.utc) + timedelta(days=1),
+        )
+        print(f"{endpoint}/{container}?{token}")
+    elif cmd == "upload-dir":
+        src, prefix, conc = args
+        names = sorted(os.listdir(src))
+
+        def upload(name):
+            with open(os.path.join(src, name), "rb") as f:
+                c.upload_blob(prefix + name, f, overwrite=True, max_concurrency=int(conc))
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max(1, len(names))) as ex:
+            list(ex.map(upload, names))
+        print(f"{time.monotonic() - t0:.3f}")
     else:
         sys.exit(f"unknown command {cmd}")
 

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_blob;
 mod bench_checkpoint;
 mod bench_cluster;
 mod bench_fuse;
@@ -151,6 +152,10 @@ enum BenchCmd {
     /// calls per checkpoint shard, chain-table size and etcd keep-alives per second,
     /// and a model of them at 1k, 10k and 100k nodes naming the first bottleneck.
     Scale(bench_scale::ScaleBench),
+    /// A checkpoint through a mount with a [blob] store vs a direct upload with the
+    /// Azure SDK and vs `rclone mount --vfs-cache-mode writes`, on one Azurite: time
+    /// until durable in the cache and in blob, requests and bytes sent per byte written.
+    Blob(bench_blob::BlobBench),
     /// One rank of `spool bench checkpoint` (run by it).
     #[command(hide = true)]
     CheckpointRank(bench_checkpoint::RankArgs),
@@ -276,6 +281,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             cmd: BenchCmd::Scale(b),
         } => bench_scale::run(&b),
+        Cmd::Bench {
+            cmd: BenchCmd::Blob(b),
+        } => bench_blob::run(&b),
         Cmd::Bench {
             cmd: BenchCmd::CheckpointRank(a),
         } => bench_checkpoint::rank(&a),

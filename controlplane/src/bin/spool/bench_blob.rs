@@ -1,0 +1,329 @@
+//! `spool bench blob`: a checkpoint written through a Spool mount with a `[blob]` store,
+//! side by side in one run on the same Azurite with what users would pick instead: a
+//! direct upload with the Azure SDK for Python, and `rclone mount --vfs-cache-mode
+//! writes`. Reports the time until the checkpoint is durable in the cache (the job can
+//! go on) and until it is in the blob store, and the store requests it cost.
+
+#[path = "../../../tests/common/azurite.rs"]
+mod azurite;
+
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use spool_controlplane::admin;
+use spool_controlplane::config::size::ByteSize;
+
+use crate::bench_cluster::{print_rows, Row};
+
+/// Bytes per write(2) of the checkpoint writers.
+const WRITE_BYTES: usize = 8 << 20;
+
+#[derive(Debug, clap::Args)]
+pub struct BlobBench {
+    /// Working directory (device file, source files, mounts); wiped first.
+    #[arg(long, default_value = "/tmp/spool-bench-blob")]
+    dir: PathBuf,
+    /// Checkpoint files, one writer each.
+    #[arg(long, default_value_t = 4)]
+    files: usize,
+    /// Bytes per file.
+    #[arg(long, default_value = "64MiB")]
+    file_size: ByteSize,
+    /// Spool's upload block size (blob.part_size).
+    #[arg(long, default_value = "8MiB")]
+    part_size: ByteSize,
+    /// Skip the rclone row.
+    #[arg(long)]
+    no_rclone: bool,
+    #[arg(long)]
+    csv: Option<PathBuf>,
+}
+
+/// Writes `n` files of pseudo-random bytes (incompressible, like weights).
+fn make_sources(dir: &Path, n: usize, bytes: u64) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; WRITE_BYTES];
+    for i in 0..n {
+        let mut f = std::fs::File::create(dir.join(format!("shard-{i}.bin")))?;
+        let mut left = bytes;
+        while left > 0 {
+            for w in buf.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            let k = left.min(buf.len() as u64) as usize;
+            f.write_all(&buf[..k])?;
+            left -= k as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Copies every source file into `dst` with one writer thread each, 8 MiB writes,
+/// then fsync and close; returns the seconds until the last writer is done.
+fn write_checkpoint(src: &Path, dst: &Path) -> Result<f64> {
+    let names: Vec<PathBuf> = std::fs::read_dir(src)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    let t0 = Instant::now();
+    let handles: Vec<_> = names
+        .into_iter()
+        .map(|from| {
+            let to = dst.join(from.file_name().unwrap_or_default());
+            std::thread::spawn(move || -> Result<()> {
+                let mut r = std::fs::File::open(&from)?;
+                let mut w = std::fs::File::create(&to)
+                    .with_context(|| format!("creating {}", to.display()))?;
+                let mut buf = vec![0u8; WRITE_BYTES];
+                loop {
+                    let n = r.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    w.write_all(&buf[..n])?;
+                }
+                w.sync_all()?;
+                Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
+    let t0 = Instant::now();
+    while !ok()? {
+        if t0.elapsed() > limit {
+            bail!("{what}: not within {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn is_mounted(p: &Path) -> bool {
+    let want = p.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// A child killed (and its mount detached) when dropped.
+struct Proc(Child, PathBuf);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let t0 = Instant::now();
+        while self.0.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if is_mounted(&self.1) {
+            let _ = Command::new("umount").arg("-l").arg(&self.1).status();
+        }
+    }
+}
+
+/// The spool rows: seconds to durable in cache, to durable in blob, and counters.
+fn run_spool(b: &BlobBench, az: &azurite::Azurite, src: &Path) -> Result<(f64, f64, Value)> {
+    let dir = b.dir.join("spool");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    let total = b.files as u64 * b.file_size.0;
+    let socket = dir.join("admin.sock");
+    let cfg = format!(
+        "[device]\npath = \"{d}/dev.img\"\nsize = \"{size}\"\n\
+         [dataplane]\ncores = 1\npin = false\n[hugepages]\npolicy = \"prefer\"\nbuffers = 64\n\
+         [admin]\nsocket = \"{sock}\"\n[mount]\nmountpoint = \"{mnt}\"\n\
+         {blob}",
+        d = dir.display(),
+        size = ByteSize((2 * total).max(1 << 30)),
+        sock = socket.display(),
+        mnt = mnt.display(),
+        blob = az.blob_config(
+            "spool",
+            &format!(
+                "prefix = \"ckpt/\"\nwriteback_delay_ms = 0\nscan_interval_ms = 100\npart_size = \"{}\"\n",
+                b.part_size
+            )
+        ),
+    );
+    std::fs::write(dir.join("spool.toml"), cfg)?;
+    let log = std::fs::File::create(dir.join("spool.log"))?;
+    let child = Command::new(std::env::current_exe()?)
+        .args(["serve", "--config"])
+        .arg(dir.join("spool.toml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting spool serve")?;
+    let _node = Proc(child, mnt.clone());
+    wait_for("spool mount", Duration::from_secs(60), || {
+        Ok(socket.exists() && is_mounted(&mnt))
+    })?;
+    let t_cache = write_checkpoint(src, &mnt)?;
+    let t0 = Instant::now();
+    let ask = |req: Value| -> Result<Value> { Ok(admin::request_blocking(&socket, &req)?) };
+    ask(json!({"cmd": "flush"}))?;
+    let mut last = Value::Null;
+    wait_for("spool upload", Duration::from_secs(3600), || {
+        last = ask(json!({"cmd": "blob status"}))?;
+        Ok(last["backlog"]["dirty_files"].as_u64() == Some(0))
+    })?;
+    let t_blob = t_cache + t0.elapsed().as_secs_f64();
+    Ok((t_cache, t_blob, last))
+}
+
+/// rclone's rows: seconds until the writers' close returned, and until every file is
+/// in the container at its full size.
+fn run_rclone(b: &BlobBench, az: &azurite::Azurite, src: &Path) -> Result<(f64, f64)> {
+    let dir = b.dir.join("rclone");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    // rclone 1.60 builds https://ACCOUNT.ENDPOINT from an account; a container SAS URL
+    // is the way to point it at Azurite's port.
+    let sas = az.az("rclone", &["sas"]);
+    let remote = format!(":azureblob,sas_url='{}':rclone", sas.trim());
+    let log = std::fs::File::create(dir.join("rclone.log"))?;
+    let child = Command::new("rclone")
+        .args(["mount", &remote])
+        .arg(&mnt)
+        .args([
+            "--vfs-cache-mode",
+            "writes",
+            "--vfs-write-back",
+            "0s",
+            "--cache-dir",
+        ])
+        .arg(dir.join("cache"))
+        .args(["--config", "/dev/null"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting rclone mount (Debian package rclone)")?;
+    let _m = Proc(child, mnt.clone());
+    wait_for("rclone mount", Duration::from_secs(30), || {
+        Ok(is_mounted(&mnt))
+    })?;
+    let t0 = Instant::now();
+    let t_cache = write_checkpoint(src, &mnt)?;
+    let want = b.files;
+    wait_for(
+        "rclone upload (see rclone/rclone.log)",
+        Duration::from_secs(600),
+        || {
+            let n = az
+                .list("rclone")
+                .into_iter()
+                .filter(|x| x.1 == b.file_size.0)
+                .count();
+            Ok(n == want)
+        },
+    )?;
+    Ok((t_cache, t0.elapsed().as_secs_f64()))
+}
+
+pub fn run(b: &BlobBench) -> Result<()> {
+    if b.files == 0 || b.files > 256 {
+        bail!("--files {} must be between 1 and 256", b.files);
+    }
+    if b.file_size.0 == 0 {
+        bail!("--file-size must be above 0");
+    }
+    let _ = std::fs::remove_dir_all(&b.dir);
+    let src = b.dir.join("src");
+    make_sources(&src, b.files, b.file_size.0)?;
+    let total = b.files as u64 * b.file_size.0;
+    let gb = total as f64 / 1e9;
+    eprintln!(
+        "bench blob: {} files x {} through each path, on one Azurite (data in /tmp)",
+        b.files, b.file_size
+    );
+    let az = azurite::Azurite::start();
+    for c in ["spool", "sdk", "rclone"] {
+        az.az(c, &["create"]);
+    }
+    let sdk_s: f64 = az
+        .az(
+            "sdk",
+            &["upload-dir", &src.display().to_string(), "ckpt/", "4"],
+        )
+        .trim()
+        .parse()
+        .context("azcheck upload-dir output")?;
+    let (cache_s, blob_s, st) = run_spool(b, &az, &src)?;
+    let rate = |s: f64| format!("{:.2} GB/s", gb / s);
+    let mut rows = vec![
+        Row::new(
+            "Azure SDK (Python) direct upload",
+            sdk_s,
+            "s",
+            format!("{} (the peer)", rate(sdk_s)),
+        ),
+        Row::new(
+            "spool: durable in cache (fsync done)",
+            cache_s,
+            "s",
+            format!("{}; {:.2}x the SDK's time", rate(cache_s), cache_s / sdk_s),
+        ),
+        Row::new(
+            "spool: durable in blob",
+            blob_s,
+            "s",
+            format!("{}; {:.2}x the SDK's time", rate(blob_s), blob_s / sdk_s),
+        ),
+    ];
+    if !b.no_rclone {
+        let (rc_cache, rc_blob) = run_rclone(b, &az, &src)?;
+        rows.push(Row::new(
+            "rclone vfs writes: close returned",
+            rc_cache,
+            "s",
+            format!(
+                "{}; {:.2}x the SDK's time",
+                rate(rc_cache),
+                rc_cache / sdk_s
+            ),
+        ));
+        rows.push(Row::new(
+            "rclone vfs writes: in blob",
+            rc_blob,
+            "s",
+            format!("{}; {:.2}x the SDK's time", rate(rc_blob), rc_blob / sdk_s),
+        ));
+    }
+    let up = st["bytes_uploaded"].as_u64().unwrap_or(0) as f64;
+    let r = &st["requests"];
+    let reqs: u64 = ["put", "put_block", "put_block_list", "delete"]
+        .iter()
+        .map(|k| r[k].as_u64().unwrap_or(0))
+        .sum();
+    rows.push(Row::new(
+        "spool: bytes to blob per byte written",
+        up / total as f64,
+        "",
+        format!("{} bytes written, {} uploaded", total, up as u64),
+    ));
+    rows.push(Row::new(
+        "spool: blob requests per GB",
+        reqs as f64 / gb,
+        "",
+        format!("{r}"),
+    ));
+    print_rows(&rows, b.csv.as_deref())
+}
