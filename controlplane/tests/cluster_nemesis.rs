@@ -22,6 +22,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use spool_dataplane::net::client::Client;
 use spool_dataplane::net::Status;
+use spool_dataplane::replica::chain::chain_of;
 use spool_dataplane::store::ChunkId;
 
 /// Each client owns `REGIONS_PER_CLIENT` regions of `REGION` bytes; a write rewrites a
@@ -512,5 +513,61 @@ fn soak() {
     });
     for seed in first..first + episodes {
         episode(&mut c, seed, Duration::from_secs(secs));
+    }
+}
+
+/// A link can die at one end only: the successor's kernel gives a link up once its
+/// replies stay unacknowledged for `TCP_USER_TIMEOUT` (a partition, a stalled host),
+/// and the reset that would tell the head is lost or never sent. The head holds
+/// nothing unacknowledged on that link, so TCP alone never tells it; it must still
+/// find out, or a write it sent down waits for an answer for ever (what the CI runs
+/// that ended with operations stuck in flight on a chain head while every target
+/// served look like).
+#[test]
+fn a_link_dead_at_one_end_does_not_strand_a_chain_write() {
+    let c = Cluster::start(ClusterOpts::default());
+    let st = c.status(0).expect("status of node 1");
+    let t = &st["cluster"]["table"];
+    let chains = t["chains"].as_u64().expect("chain count") as u32;
+    let (chain, succ) = t["my_chains"]
+        .as_array()
+        .expect("my_chains")
+        .iter()
+        .find(|m| m["head"] == serde_json::json!(true))
+        .map(|m| {
+            (
+                m["chain"].as_u64().expect("chain id") as u32,
+                m["targets"][1]["node"].as_u64().expect("successor") as usize,
+            )
+        })
+        .expect("node 1 heads a chain");
+    let chunk = (0..)
+        .map(|index| ChunkId { inode: 4242, index })
+        .find(|ch| chain_of(ch, chains) == chain)
+        .expect("a chunk of that chain");
+    let data = vec![7u8; REGION as usize];
+    let mut warm = c.client(0, Duration::from_secs(5)).expect("client");
+    write_retry(&mut warm, chunk, &data);
+    // From now on the successor's replies to the head are lost, its acks are not.
+    c.net.drop_data_from_port(succ - 1, 0, cluster::PORT);
+    let mut cl = c.client(0, Duration::from_secs(3)).expect("client");
+    let r = cl.write(chunk, 0, &data);
+    assert!(
+        !matches!(&r, Ok(rep) if rep.status == Status::Ok),
+        "the write's answer should have been lost: {r:?}"
+    );
+    // The successor's side of the link is gone by now (its reply went unacknowledged).
+    std::thread::sleep(Duration::from_secs(3));
+    c.net.heal();
+    // Nothing else goes to the successor: the head has to notice by itself. (Not
+    // `wait_all_serving`: its readiness probe races with a lease that flaps under load.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.all_serving() {
+        assert!(
+            Instant::now() < deadline,
+            "a write stayed in flight on the head\n{}",
+            c.describe()
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -250,6 +250,24 @@ impl Net {
         self.nft(to, &[format!("input ip saddr {ifrom} drop")]);
     }
 
+    /// Drops the TCP segments that carry data from node `from`'s port `port` to node
+    /// `to`, and lets everything else through (bare ACKs, resets, and `from`'s own
+    /// dialed links). Replies `from` sends on links `to` dialed are lost while `to`'s
+    /// data is still acknowledged: `from`'s kernel gives such a link up after
+    /// `TCP_USER_TIMEOUT` without telling `to`, which holds nothing unacknowledged and
+    /// so still sees it open (one end of a link gone, as a partition or a stalled host
+    /// can leave it). Undone by `heal`.
+    pub fn drop_data_from_port(&self, from: usize, to: usize, port: u16) {
+        assert_ne!(from, to, "drop_data_from_port({from}, {to}): same node");
+        let ito = self.node_ip(to);
+        self.nft(
+            from,
+            &[format!(
+                "output ip daddr {ito} tcp sport {port} ip length > 64 drop"
+            )],
+        );
+    }
+
     /// Isolates node i from everyone, including the host: everything in or out of its
     /// eth0 is dropped (its loopback keeps working). Undone by `heal`.
     pub fn isolate(&self, i: usize) {

@@ -44,13 +44,29 @@ pub struct Tcp;
 /// no use anyway: a slow one still gets acknowledgements.
 pub const UNACKED_MAX: Duration = Duration::from_millis(1500);
 
+/// A link that received nothing this long is probed (TCP keepalive). `UNACKED_MAX`
+/// only watches data *we* sent: a link can die at the other end alone (the peer's
+/// kernel gives it up after `UNACKED_MAX` when its replies go unacknowledged through a
+/// partition or a stalled host, and the reset that would tell us is lost or never
+/// sent), and an end holding nothing unacknowledged then waits on it for ever, say a
+/// chain head for the answer to a write it sent down. A probe finds out: the peer's
+/// kernel answers a link it no longer has with a reset, and an unanswered probe ends
+/// the link after `UNACKED_MAX`. A slow peer still answers probes (its kernel does).
+pub const IDLE_PROBE: Duration = Duration::from_secs(1);
+
 /// The socket options every Spool TCP connection gets, dialed, accepted or a client's:
-/// no Nagle delay, [`UNACKED_MAX`], and a close that drops unsent data (a reset)
-/// rather than delivering it after its sender has moved on.
+/// no Nagle delay, [`UNACKED_MAX`], [`IDLE_PROBE`], and a close that drops unsent data
+/// (a reset) rather than delivering it after its sender has moved on.
 pub fn tune(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
     let s = socket2::SockRef::from(sock);
     s.set_tcp_nodelay(true)?;
     s.set_tcp_user_timeout(Some(UNACKED_MAX))?;
+    s.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(IDLE_PROBE)
+            .with_interval(IDLE_PROBE)
+            .with_retries(2),
+    )?;
     s.set_linger(Some(Duration::ZERO))
 }
 
