@@ -26,8 +26,9 @@ SPOOL_PKGS_BUILD=(build-essential pkg-config libhwloc-dev clang libclang-dev lib
 # python3 (the DCP-like checkpoint writer, stdlib only; also the quickstart's demo).
 SPOOL_PKGS_TEST=(fuse3 util-linux iproute2 jq python3)
 
-# Benchmarks compare Spool to fio on the same device in the same run.
-SPOOL_PKGS_BENCH=(fio)
+# Benchmarks compare Spool to fio on the same device in the same run, and the blob tier
+# to rclone's VFS cache mount (spool bench blob).
+SPOOL_PKGS_BENCH=(fio rclone)
 
 # The quickstart scrapes the Prometheus endpoint with curl.
 SPOOL_PKGS_QUICKSTART=(curl ca-certificates)

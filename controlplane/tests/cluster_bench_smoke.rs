@@ -1,4 +1,4 @@
-//! Smoke runs of `spool bench checkpoint` and `spool bench scale` (small sizes): each
+//! Smoke runs of `spool bench checkpoint`, `scale` and `blob` (small sizes): each
 //! whole workload runs (a cluster in network namespaces with every node mounting; for
 //! the checkpoint also the local filesystem, rank processes, the commit and the
 //! read-back with every byte verified) and prints its table. No timing is asserted:
@@ -68,4 +68,39 @@ fn scale_bench_runs_end_to_end() {
             "100000",
         ],
     );
+}
+
+#[test]
+fn blob_bench_runs_end_to_end() {
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let csv = dir.path().join("out.csv");
+    let args = [
+        "blob",
+        "--files",
+        "2",
+        "--file-size",
+        "3MiB",
+        "--part-size",
+        "1MiB",
+        "--csv",
+        csv.to_str().unwrap(),
+    ];
+    let text = bench(
+        dir.path(),
+        &args,
+        &[
+            "Azure SDK (Python) direct upload",
+            "spool: durable in cache",
+            "spool: durable in blob",
+            "rclone vfs writes: in blob",
+            "checked against the source files",
+        ],
+    );
+    // Every byte written was sent once, in 3 blocks + 1 commit per file.
+    assert!(
+        text.contains("\"put_block\":6,\"put_block_list\":2"),
+        "requests:\n{text}"
+    );
+    let csv = std::fs::read_to_string(csv).expect("csv written");
+    assert_eq!(csv.lines().count(), 1 + 7, "header and seven rows:\n{csv}");
 }

@@ -100,6 +100,34 @@ fn write_checkpoint(src: &Path, dst: &Path) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
+/// Checks that `container` holds every source file, byte for byte, under `prefix`.
+fn verify(az: &azurite::Azurite, container: &str, prefix: &str, src: &Path) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let blobs = az.list(container);
+    for e in std::fs::read_dir(src)? {
+        let p = e?.path();
+        let data = std::fs::read(&p)?;
+        let want: String = Sha256::digest(&data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let name = format!(
+            "{prefix}{}",
+            p.file_name().unwrap_or_default().to_string_lossy()
+        );
+        match blobs.iter().find(|b| b.0 == name) {
+            Some(b) if b.2 == want => {}
+            Some(b) => bail!(
+                "{container}/{name}: {} bytes, sha256 {} instead of {want}",
+                b.1,
+                b.2
+            ),
+            None => bail!("{container}/{name} is missing"),
+        }
+    }
+    Ok(())
+}
+
 fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
     let t0 = Instant::now();
     while !ok()? {
@@ -266,7 +294,9 @@ pub fn run(b: &BlobBench) -> Result<()> {
         .trim()
         .parse()
         .context("azcheck upload-dir output")?;
+    verify(&az, "sdk", "ckpt/", &src)?;
     let (cache_s, blob_s, st) = run_spool(b, &az, &src)?;
+    verify(&az, "spool", "ckpt/", &src)?;
     let rate = |s: f64| format!("{:.2} GB/s", gb / s);
     let mut rows = vec![
         Row::new(
@@ -290,6 +320,7 @@ pub fn run(b: &BlobBench) -> Result<()> {
     ];
     if !b.no_rclone {
         let (rc_cache, rc_blob) = run_rclone(b, &az, &src)?;
+        verify(&az, "rclone", "", &src)?;
         rows.push(Row::new(
             "rclone vfs writes: close returned",
             rc_cache,
@@ -325,5 +356,6 @@ pub fn run(b: &BlobBench) -> Result<()> {
         "",
         format!("{r}"),
     ));
+    eprintln!("bench blob: every path's blobs checked against the source files (sha256)");
     print_rows(&rows, b.csv.as_deref())
 }
