@@ -37,9 +37,10 @@ SPOOL_PKGS_QUICKSTART=(curl ca-certificates)
 # for the nemesis's partitions and throttles, iperf3 for the network's physical limit.
 SPOOL_PKGS_CLUSTER=(etcd-server etcd-client nftables iperf3)
 
-# Blob tier tests: Azurite (the Azure Storage emulator, from npm) runs on Node.js; the
-# independent client that checks what Spool uploaded is the azure-storage-blob Python
-# package (PyPI) in a venv. Both go to $SPOOL_TOOLS_DIR (see spool_deps_blob).
+# Blob tier tests: Azurite (the Azure Storage emulator, from npm) runs on Node.js; moto's
+# S3 server and the independent clients that check what Spool uploaded (the
+# azure-storage-blob and boto3 Python packages) come from PyPI into a venv. All go to
+# $SPOOL_TOOLS_DIR (see spool_deps_blob).
 SPOOL_PKGS_BLOB=(python3-venv)
 # npm comes with Debian's `npm` package, or bundled with a Node.js from elsewhere
 # (NodeSource): install Debian's only when there is no npm at all.
@@ -60,7 +61,8 @@ SPOOL_DEB_PKGS=(
 SPOOL_TOOLS_DIR="${SPOOL_TOOLS_DIR:-/opt/spool-tools}"
 # Azurite 3.35 is the newest that runs on Debian 12's Node.js 18 (3.36+ need Node 22).
 SPOOL_AZURITE_VERSION="3.35.0"
-SPOOL_AZURE_BLOB_PY="azure-storage-blob==12.31.1"
+# The independent clients and the S3 server of the blob tests (boto3 comes with moto).
+SPOOL_BLOB_PY=("azure-storage-blob==12.31.1" "moto[server]==5.1.4")
 
 # Oldest cargo accepted; the workspace's rust-version wins when it can be read.
 SPOOL_MIN_RUST="1.85"
@@ -214,7 +216,7 @@ spool_deps_rust() {
     SPOOL_NEXTEST_VERSION="$(cargo nextest --version 2>/dev/null | head -n1 | awk '{print $2}')"
 }
 
-# Azurite from npm and the Azure SDK for Python from PyPI, each installed once into
+# Azurite from npm, and the Azure SDK for Python, moto and boto3 from PyPI, installed once into
 # $SPOOL_TOOLS_DIR (the registries are the only downloads).
 spool_deps_blob() {
     local dir="$SPOOL_TOOLS_DIR" log
@@ -230,13 +232,14 @@ spool_deps_blob() {
         fi
         rm -f "$log"
     fi
-    if ! "$dir/venv/bin/python" -c 'import azure.storage.blob' >/dev/null 2>&1; then
-        spool_deps_say "installing $SPOOL_AZURE_BLOB_PY from PyPI into $dir/venv"
+    if ! "$dir/venv/bin/python" -c 'import azure.storage.blob, boto3, moto' >/dev/null 2>&1 ||
+        [[ ! -x "$dir/venv/bin/moto_server" ]]; then
+        spool_deps_say "installing ${SPOOL_BLOB_PY[*]} from PyPI into $dir/venv"
         log="$(mktemp /tmp/spool-install-venv.XXXXXX.log)"
         if ! { /usr/bin/python3 -m venv "$dir/venv" &&
-            "$dir/venv/bin/pip" install -q "$SPOOL_AZURE_BLOB_PY"; } </dev/null >"$log" 2>&1; then
+            "$dir/venv/bin/pip" install -q "${SPOOL_BLOB_PY[@]}"; } </dev/null >"$log" 2>&1; then
             tail -n 40 "$log" >&2
-            spool_deps_die "creating $dir/venv with $SPOOL_AZURE_BLOB_PY failed" "full log: $log" \
+            spool_deps_die "creating $dir/venv with ${SPOOL_BLOB_PY[*]} failed" "full log: $log" \
                 "PyPI must be reachable; Debian's python3-venv must be installed"
         fi
         rm -f "$log"

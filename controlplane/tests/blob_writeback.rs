@@ -4,6 +4,8 @@
 
 #[path = "common/azurite.rs"]
 mod azurite;
+#[path = "common/moto.rs"]
+mod moto;
 #[path = "common/mount.rs"]
 mod mount;
 
@@ -35,6 +37,14 @@ fn bytes(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A mount over `extra` (a `[blob]` section) with the tests' writeback settings.
+fn node_with(blob: String) -> MountedNode {
+    MountedNode::start(&MountOpts {
+        extra: blob,
+        ..MountOpts::default()
+    })
+}
+
 /// A node whose mount drains to `az` `delay_ms` after a change; `more` adds `[blob]`
 /// keys.
 fn node(az: &Azurite, delay_ms: u64, more: &str) -> MountedNode {
@@ -45,10 +55,7 @@ fn node(az: &Azurite, delay_ms: u64, more: &str) -> MountedNode {
              part_size = \"1MiB\"\n{more}"
         ),
     );
-    MountedNode::start(&MountOpts {
-        extra: cfg,
-        ..MountOpts::default()
-    })
+    node_with(cfg)
 }
 
 fn cli_ok(n: &MountedNode, args: &[&str]) -> String {
@@ -88,11 +95,13 @@ fn status_json(n: &MountedNode) -> serde_json::Value {
 
 /// The container holds exactly `want` (mount path, content) under the prefix.
 fn assert_container(az: &Azurite, want: &[(&str, &[u8])]) {
-    let got: Vec<(String, u64, String)> = az
-        .list(CONTAINER)
-        .into_iter()
-        .map(|(n, s, h, _)| (n, s, h))
-        .collect();
+    assert_listing(az.list(CONTAINER), want);
+}
+
+/// A checker's listing is exactly `want` (mount path, content) under the prefix.
+fn assert_listing(listing: Vec<(String, u64, String, String)>, want: &[(&str, &[u8])]) {
+    let got: Vec<(String, u64, String)> =
+        listing.into_iter().map(|(n, s, h, _)| (n, s, h)).collect();
     let mut want: Vec<(String, u64, String)> = want
         .iter()
         .map(|(p, d)| (format!("{PREFIX}{p}"), d.len() as u64, sha(d)))
@@ -292,4 +301,42 @@ fn a_change_after_an_upload_is_never_taken_for_clean_after_a_crash() {
     );
     flush_wait(&n);
     assert_container(&az, &[("weights.bin", &data)]);
+}
+
+#[test]
+fn writeback_to_s3_mirrors_files_renames_and_unlinks_checked_with_boto3() {
+    let s3 = moto::Moto::start();
+    s3.s3(CONTAINER, &["create"]);
+    let n = node_with(s3.blob_config(
+        CONTAINER,
+        &format!(
+            "prefix = \"{PREFIX}\"\nwriteback_delay_ms = 200\nscan_interval_ms = 100\n\
+             part_size = \"5MiB\""
+        ),
+    ));
+    let m = &n.mountpoint;
+    let big = bytes(9, 12 * 1024 * 1024 + 5); // 3 parts of 5 MiB (the last shorter)
+    let small = b"s3 small".to_vec();
+    std::fs::create_dir_all(m.join("d")).unwrap();
+    std::fs::write(m.join("d/big.bin"), &big).unwrap();
+    std::fs::write(m.join("small"), &small).unwrap();
+    std::fs::write(m.join("gone"), b"to be removed").unwrap();
+    flush_wait(&n);
+    assert_listing(
+        s3.list(CONTAINER),
+        &[
+            ("d/big.bin", &big),
+            ("small", &small),
+            ("gone", b"to be removed"),
+        ],
+    );
+    std::fs::rename(m.join("d"), m.join("e")).unwrap();
+    std::fs::remove_file(m.join("gone")).unwrap();
+    flush_wait(&n);
+    assert_listing(
+        s3.list(CONTAINER),
+        &[("e/big.bin", &big), ("small", &small)],
+    );
+    let s = status_json(&n);
+    assert_eq!(s["blob"]["requests"]["put_block_list"], 2, "{s}");
 }

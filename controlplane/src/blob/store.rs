@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::ObjectStore;
@@ -32,6 +33,36 @@ pub fn open(cfg: &BlobConfig) -> Result<Arc<dyn ObjectStore>, Error> {
             let fs = LocalFileSystem::new_with_prefix(dir)
                 .map_err(|e| Error::Blob(format!("blob.path {}: {e}", dir.display())))?;
             Ok(Arc::new(fs))
+        }
+        BlobBackend::S3 => {
+            // Environment first (AWS_*, web identity, instance metadata), then the config.
+            let mut b = AmazonS3Builder::from_env()
+                .with_bucket_name(cfg.container.clone().unwrap_or_default());
+            if let Some(r) = &cfg.region {
+                b = b.with_region(r);
+            }
+            if let Some(e) = &cfg.endpoint {
+                b = b
+                    .with_endpoint(e.trim_end_matches('/'))
+                    .with_allow_http(e.starts_with("http://"))
+                    .with_virtual_hosted_style_request(false);
+            }
+            if let Some(f) = &cfg.key_file {
+                let text = read_secret("key_file", f)?;
+                let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+                let (Some(id), Some(secret), None) = (lines.next(), lines.next(), lines.next())
+                else {
+                    return Err(Error::Blob(format!(
+                        "blob.key_file {}: for s3 it holds two lines, the access key id and the secret access key",
+                        f.display()
+                    )));
+                };
+                b = b.with_access_key_id(id).with_secret_access_key(secret);
+            }
+            let store = b
+                .build()
+                .map_err(|e| Error::Blob(format!("blob (s3): {e}")))?;
+            Ok(Arc::new(store))
         }
         BlobBackend::Azure => {
             // Environment first (AZURE_STORAGE_*, managed and workload identity), then

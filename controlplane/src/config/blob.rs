@@ -12,6 +12,8 @@ use super::ByteSize;
 pub enum BlobBackend {
     /// Azure Blob Storage (or Azurite): `account`, `container`, credentials.
     Azure,
+    /// S3 or an S3-compatible server: `container` is the bucket; `region`, `endpoint`.
+    S3,
     /// A directory (tests, or a shared filesystem): `path`.
     Local,
 }
@@ -35,7 +37,7 @@ pub struct BlobConfig {
     pub backend: BlobBackend,
     #[serde(default)]
     pub mode: BlobMode,
-    /// Azure: the container (it must exist).
+    /// Azure: the container; S3: the bucket. It must exist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
     /// Azure: the storage account. Default: `AZURE_STORAGE_ACCOUNT_NAME` from the
@@ -43,17 +45,23 @@ pub struct BlobConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,
     /// Azure: the account URL, e.g. `http://127.0.0.1:10000/devstoreaccount1` for
-    /// Azurite. Default: `https://ACCOUNT.blob.core.windows.net`.
+    /// Azurite. Default: `https://ACCOUNT.blob.core.windows.net`. S3: the server's URL
+    /// for an S3-compatible server (path-style requests). Default: AWS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    /// Azure: a file holding the account key. Without it (and without `sas_file`),
-    /// credentials come from the environment as the Azure SDKs read them (account key,
-    /// SAS, managed identity, AKS workload identity).
+    /// Azure: a file holding the account key. S3: a file holding the access key id
+    /// and the secret access key, one per line. Without it (and without `sas_file`),
+    /// credentials come from the environment as the cloud's SDKs read them (Azure:
+    /// account key, SAS, managed identity, AKS workload identity; S3: AWS_* variables,
+    /// web identity, instance metadata).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
     /// Azure: a file holding a SAS token (the query string).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sas_file: Option<PathBuf>,
+    /// S3: the region (default: AWS_REGION from the environment, else us-east-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     /// Local: the directory (it must exist).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
@@ -65,8 +73,8 @@ pub struct BlobConfig {
     /// uploads, 0..86400000 (default 2000).
     #[serde(default = "d_delay")]
     pub writeback_delay_ms: u64,
-    /// Bytes per block of a large file's upload, 1MiB..100MiB (default 8MiB). Files up
-    /// to this size go in one request.
+    /// Bytes per block of a large file's upload, 1MiB..100MiB (S3: 5MiB..100MiB; default
+    /// 8MiB). Files up to this size go in one request.
     #[serde(default = "d_part")]
     pub part_size: ByteSize,
     /// Blocks of one file in flight at once, 1..64 (default 4). Memory held by uploads
@@ -87,6 +95,16 @@ pub struct BlobConfig {
     /// 60000); what is left uploads after the next start.
     #[serde(default = "d_shutdown")]
     pub shutdown_flush_ms: u64,
+}
+
+impl BlobBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            BlobBackend::Azure => "azure",
+            BlobBackend::S3 => "s3",
+            BlobBackend::Local => "local",
+        }
+    }
 }
 
 fn d_delay() -> u64 {
@@ -162,23 +180,53 @@ impl BlobConfig {
                 self.prefix
             ));
         }
+        let cloud = matches!(self.backend, BlobBackend::Azure | BlobBackend::S3);
+        if cloud && self.container.as_deref().is_none_or(str::is_empty) {
+            p.push(format!(
+                "blob.container: required for backend = \"{}\" (the {})",
+                self.backend.name(),
+                if self.backend == BlobBackend::S3 {
+                    "bucket"
+                } else {
+                    "container"
+                }
+            ));
+        }
+        if cloud && self.path.is_some() {
+            p.push("blob.path: only for backend = \"local\"".to_owned());
+        }
+        if let Some(e) = self.endpoint.as_ref().filter(|_| cloud) {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                p.push(format!(
+                    "blob.endpoint = {e:?}: must be an http:// or https:// URL"
+                ));
+            }
+        }
+        if self.backend != BlobBackend::Azure {
+            for (key, set) in [
+                ("account", self.account.is_some()),
+                ("sas_file", self.sas_file.is_some()),
+            ] {
+                if set {
+                    p.push(format!("blob.{key}: only for backend = \"azure\""));
+                }
+            }
+        }
+        if self.backend != BlobBackend::S3 && self.region.is_some() {
+            p.push("blob.region: only for backend = \"s3\"".to_owned());
+        }
         match self.backend {
+            BlobBackend::S3 => {
+                if part < 5 << 20 {
+                    p.push(format!(
+                        "blob.part_size = {}: S3 needs parts of at least 5MiB",
+                        self.part_size
+                    ));
+                }
+            }
             BlobBackend::Azure => {
-                if self.container.as_deref().is_none_or(str::is_empty) {
-                    p.push("blob.container: required for backend = \"azure\"".to_owned());
-                }
-                if self.path.is_some() {
-                    p.push("blob.path: only for backend = \"local\"".to_owned());
-                }
                 if self.key_file.is_some() && self.sas_file.is_some() {
                     p.push("blob.sas_file: give key_file or sas_file, not both".to_owned());
-                }
-                if let Some(e) = &self.endpoint {
-                    if !(e.starts_with("http://") || e.starts_with("https://")) {
-                        p.push(format!(
-                            "blob.endpoint = {e:?}: must be an http:// or https:// URL"
-                        ));
-                    }
                 }
             }
             BlobBackend::Local => match &self.path {

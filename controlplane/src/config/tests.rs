@@ -634,3 +634,28 @@ fn example_blob_section_loads_when_uncommented() {
     assert_eq!(b.container.as_deref(), Some("checkpoints"));
     assert_eq!(b.prefix, "job-7/");
 }
+
+#[test]
+fn s3_section_is_checked_with_its_keys() {
+    let c = with(
+        "[blob]\nbackend = \"s3\"\ncontainer = \"ckpt\"\nregion = \"eu-west-1\"\n\
+         endpoint = \"http://127.0.0.1:5000\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.blob.unwrap().backend, BlobBackend::S3);
+    assert_has(
+        &device(
+            "[blob]\nbackend = \"s3\"\npart_size = \"4MiB\"\naccount = \"a\"\nsas_file = \"/s\"\n",
+        ),
+        &[
+            "blob.container: required for backend = \"s3\" (the bucket)",
+            "blob.part_size = 4MiB: S3 needs parts of at least 5MiB",
+            "blob.account: only for backend = \"azure\"",
+            "blob.sas_file: only for backend = \"azure\"",
+        ],
+    );
+    assert_has(
+        &device("[blob]\nbackend = \"azure\"\ncontainer = \"c\"\nregion = \"x\"\n"),
+        &["blob.region: only for backend = \"s3\""],
+    );
+}

@@ -20,7 +20,7 @@ pub fn tools_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/opt/spool-tools"))
 }
 
-fn tool(rel: &str) -> PathBuf {
+pub fn tool(rel: &str) -> PathBuf {
     let p = tools_dir().join(rel);
     assert!(
         p.exists(),
@@ -140,22 +140,7 @@ impl Azurite {
 
     /// Blobs of `container` as (name, size, sha256, etag), sorted by name.
     pub fn list(&self, container: &str) -> Vec<(String, u64, String, String)> {
-        let mut v: Vec<_> = self
-            .az(container, &["list"])
-            .lines()
-            .map(|l| {
-                let f: Vec<&str> = l.split(' ').collect();
-                assert_eq!(f.len(), 4, "azcheck list line {l:?}");
-                (
-                    f[0].to_owned(),
-                    f[1].parse().expect("size"),
-                    f[2].to_owned(),
-                    f[3].to_owned(),
-                )
-            })
-            .collect();
-        v.sort();
-        v
+        parse_listing(&self.az(container, &["list"]))
     }
 
     /// A `[blob]` config section for this server (the account key in a file), with
@@ -170,6 +155,25 @@ impl Azurite {
             key_file.display()
         )
     }
+}
+
+/// A checker's `list` output (`NAME SIZE SHA256 ETAG` lines), sorted by name.
+pub fn parse_listing(text: &str) -> Vec<(String, u64, String, String)> {
+    let mut v: Vec<_> = text
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            assert_eq!(f.len(), 4, "listing line {l:?}");
+            (
+                f[0].to_owned(),
+                f[1].parse().expect("size"),
+                f[2].to_owned(),
+                f[3].to_owned(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 impl Drop for Azurite {
