@@ -122,20 +122,7 @@ impl Azurite {
 
     /// Runs the independent client (tests/blob/azcheck.py) on `container`.
     pub fn az(&self, container: &str, args: &[&str]) -> String {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/blob/azcheck.py");
-        let out = Command::new(tool("venv/bin/python"))
-            .arg(script)
-            .arg(self.endpoint())
-            .arg(container)
-            .args(args)
-            .output()
-            .expect("run azcheck.py");
-        assert!(
-            out.status.success(),
-            "azcheck.py {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
+        checker("azcheck.py", &self.endpoint(), container, args)
     }
 
     /// Blobs of `container` as (name, size, sha256, etag), sorted by name.
@@ -155,6 +142,27 @@ impl Azurite {
             key_file.display()
         )
     }
+}
+
+/// Runs tests/blob/SCRIPT (an independent client, in the tools venv) with the
+/// server's endpoint and a container or bucket; its standard output.
+pub fn checker(script: &str, endpoint: &str, container: &str, args: &[&str]) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/blob")
+        .join(script);
+    let out = Command::new(tool("venv/bin/python"))
+        .arg(path)
+        .arg(endpoint)
+        .arg(container)
+        .args(args)
+        .output()
+        .expect("run a blob checker");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 /// A checker's `list` output (`NAME SIZE SHA256 ETAG` lines), sorted by name.

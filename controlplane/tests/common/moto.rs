@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::azurite::{parse_listing, tool};
+use crate::azurite::{checker, parse_listing, tool};
 
 /// The credentials the tests give both sides (moto accepts any).
 pub const S3_KEY_ID: &str = "spooltest";
@@ -53,20 +53,7 @@ impl Moto {
 
     /// Runs tests/blob/s3check.py on `bucket`.
     pub fn s3(&self, bucket: &str, args: &[&str]) -> String {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/blob/s3check.py");
-        let out = Command::new(tool("venv/bin/python"))
-            .arg(script)
-            .arg(self.endpoint())
-            .arg(bucket)
-            .args(args)
-            .output()
-            .expect("run s3check.py");
-        assert!(
-            out.status.success(),
-            "s3check.py {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
+        checker("s3check.py", &self.endpoint(), bucket, args)
     }
 
     /// Objects of `bucket` as (key, size, sha256, etag), sorted by key.
