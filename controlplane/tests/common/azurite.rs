@@ -33,6 +33,7 @@ pub fn tool(rel: &str) -> PathBuf {
 /// One Azurite blob service (or none, between `stop` and `start_again`).
 #[derive(Debug)]
 pub struct Azurite {
+    host: Ipv4Addr,
     pub port: u16,
     child: Option<Child>,
     log: PathBuf,
@@ -43,12 +44,19 @@ pub struct Azurite {
 impl Azurite {
     /// Starts Azurite on a free loopback port with its data in a tempdir.
     pub fn start() -> Azurite {
+        Azurite::start_on(Ipv4Addr::LOCALHOST)
+    }
+
+    /// Starts Azurite listening on `host` (`0.0.0.0`: also reachable from network
+    /// namespaces through the host's address).
+    pub fn start_on(host: Ipv4Addr) -> Azurite {
         let dir = tempfile::tempdir_in("/tmp").expect("azurite tempdir");
         let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
         let mut a = Azurite {
+            host,
             port,
             child: None,
             log: dir.path().join("azurite.log"),
@@ -69,7 +77,7 @@ impl Azurite {
         let child = Command::new(tool("azurite/node_modules/.bin/azurite-blob"))
             .args([
                 "--blobHost",
-                "127.0.0.1",
+                &self.host.to_string(),
                 "--blobPort",
                 &self.port.to_string(),
             ])
@@ -133,12 +141,16 @@ impl Azurite {
     /// A `[blob]` config section for this server (the account key in a file), with
     /// `more` keys.
     pub fn blob_config(&self, container: &str, more: &str) -> String {
+        self.blob_config_at(&self.endpoint(), container, more)
+    }
+
+    /// The same, with the server reached at `endpoint` (e.g. through another address).
+    pub fn blob_config_at(&self, endpoint: &str, container: &str, more: &str) -> String {
         let key_file = self.dir.path().join("account.key");
         std::fs::write(&key_file, AZURITE_KEY).expect("key file");
         format!(
             "[blob]\nbackend = \"azure\"\ncontainer = \"{container}\"\naccount = \"{AZURITE_ACCOUNT}\"\n\
-             endpoint = \"{}\"\nkey_file = \"{}\"\n{more}\n",
-            self.endpoint(),
+             endpoint = \"{endpoint}\"\nkey_file = \"{}\"\n{more}\n",
             key_file.display()
         )
     }

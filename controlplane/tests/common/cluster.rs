@@ -27,6 +27,9 @@ pub struct ClusterOpts {
     pub node_lost_after_s: u32,
     /// Every node mounts the cluster namespace at `<node dir>/mnt`.
     pub mount: bool,
+    /// More TOML for every node's config; `{HOST_IP}` becomes the host's address on
+    /// the test network (where etcd, or a blob server, listens).
+    pub extra: String,
 }
 
 impl Default for ClusterOpts {
@@ -37,6 +40,7 @@ impl Default for ClusterOpts {
             lease_ttl_s: 2,
             node_lost_after_s: 3600,
             mount: false,
+            extra: String::new(),
         }
     }
 }
@@ -159,6 +163,10 @@ node_lost_after_s = {lost}
                 ),
                 None => toml,
             };
+            let toml = format!(
+                "{toml}{}\n",
+                opts.extra.replace("{HOST_IP}", &net.host_ip().to_string())
+            );
             std::fs::write(&config, toml).unwrap();
             nodes.push(NodeProc {
                 id,
