@@ -193,48 +193,37 @@ impl Writeback {
                 "# HELP spool_blob_{name} {help}\n# TYPE spool_blob_{name} {kind}\nspool_blob_{name} {v}\n"
             ));
         };
-        line(
-            "bytes_uploaded_total",
-            "counter",
-            "Bytes sent to the object store.",
-            g(&s.bytes_uploaded),
-        );
-        line(
-            "files_uploaded_total",
-            "counter",
-            "Files uploaded.",
-            g(&s.files_uploaded),
-        );
-        line(
-            "put_requests_total",
-            "counter",
-            "Single-request uploads.",
-            g(&s.put_requests),
-        );
-        line(
-            "block_requests_total",
-            "counter",
-            "Blocks (parts) uploaded.",
-            g(&s.block_requests),
-        );
-        line(
-            "commit_requests_total",
-            "counter",
-            "Block lists committed.",
-            g(&s.commit_requests),
-        );
-        line(
-            "delete_requests_total",
-            "counter",
-            "Blobs deleted.",
-            g(&s.delete_requests),
-        );
-        line(
-            "errors_total",
-            "counter",
-            "Failed store requests.",
-            g(&s.errors),
-        );
+        for (name, help, a) in [
+            (
+                "bytes_uploaded_total",
+                "Bytes sent to the object store.",
+                &s.bytes_uploaded,
+            ),
+            ("files_uploaded_total", "Files uploaded.", &s.files_uploaded),
+            (
+                "put_requests_total",
+                "Single-request uploads.",
+                &s.put_requests,
+            ),
+            (
+                "block_requests_total",
+                "Blocks (parts) uploaded.",
+                &s.block_requests,
+            ),
+            (
+                "commit_requests_total",
+                "Block lists committed.",
+                &s.commit_requests,
+            ),
+            (
+                "delete_requests_total",
+                "Blobs deleted.",
+                &s.delete_requests,
+            ),
+            ("errors_total", "Failed store requests.", &s.errors),
+        ] {
+            line(name, "counter", help, g(a));
+        }
         if let Some(b) = self.backlog("") {
             line(
                 "dirty_files",

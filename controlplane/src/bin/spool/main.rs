@@ -326,7 +326,8 @@ fn flush(socket: &std::path::Path, path: Option<&str>, wait: bool, timeout_s: u6
             b["flushing_files"],
             b["writing_files"],
         );
-        if let Some(e) = v["last_error"].as_str() {
+        // The last store error matters while something is left to send.
+        if let Some(e) = v["last_error"].as_str().filter(|_| !done) {
             line.push_str(&format!("; last error: {e}"));
         }
         if !wait || done {
