@@ -31,6 +31,9 @@ use crate::config::BlobConfig;
 /// this node owns it in a cluster).
 pub type NsSource = Arc<dyn Fn() -> Option<Arc<Namespace>> + Send + Sync>;
 
+/// Tombstones handled per cycle (their removal is one namespace log batch).
+const GONE_PER_CYCLE_MAX: usize = 256;
+
 /// First retry delay; doubles per failure up to `retry_delay_max_ms`.
 const RETRY_DELAY_MIN_MS: u64 = 250;
 
@@ -330,7 +333,8 @@ impl Writeback {
             .filter_map(|f| f.path.as_deref())
             .collect();
         let mut gone_done = Vec::new();
-        for (name, key) in &scan.gone {
+        // Bounded: the tombstones dropped in one cycle go in one log batch.
+        for (name, key) in scan.gone.iter().take(GONE_PER_CYCLE_MAX) {
             // A live file has the key now: its own upload replaces the blob.
             if !live.contains(key.as_str()) {
                 let Ok(loc) = self.key(key) else {
