@@ -2304,19 +2304,18 @@ impl Net {
             && self.jobs[j].next < self.jobs[j].todo.len()
         {
             // A chunk with a write under way gets its copy queued behind that write
-            // (the chunk queue orders them), so the copy is of the state after it.
-            let (chunk, d) = self.jobs[j].todo[self.jobs[j].next];
+            // (the chunk queue orders them), so the copy is of the state after it:
+            // what the listing said (its length, or that the chunk is absent) may be
+            // out of date by then, so every copy reads the chunk whole at its turn,
+            // deletes included (see `sync_send_start`).
+            let (chunk, _) = self.jobs[j].todo[self.jobs[j].next];
             // One sync buffer is left for copies coming in: two nodes syncing to each
             // other must not hold every buffer in copies going out.
-            let buf = match d {
-                Some(d) if d.len > 0 => match self.sync_pool.available() > 1 {
-                    true => match self.sync_pool.alloc() {
-                        Some(b) => Some(b),
-                        None => break,
-                    },
-                    false => break,
-                },
-                _ => None,
+            if self.sync_pool.available() <= 1 {
+                break;
+            }
+            let Some(buf) = self.sync_pool.alloc() else {
+                break;
             };
             let Some(i) = self.alloc_op(Kind::SyncSend) else {
                 break;
@@ -2324,8 +2323,8 @@ impl Net {
             let o = &mut self.ops[i as usize];
             o.chunk = chunk;
             o.job = j as u32;
-            o.buf = buf;
-            o.len = d.map_or(0, |d| d.len);
+            o.buf = Some(buf);
+            o.len = 0;
             o.chain = self.jobs[j].chain;
             o.via = self.jobs[j].target;
             self.jobs[j].in_flight += 1;
@@ -2364,13 +2363,14 @@ impl Net {
         work
     }
 
-    /// Source side: the chunk's turn came; read it whole (or send a delete).
+    /// Source side: the chunk's turn came; read it whole, as it is now (a chunk that
+    /// is absent now is deleted there). Not the length the listing gave: writes queued
+    /// ahead of the copy (a log appending at its end) may have grown the chunk since,
+    /// and a copy cut at the old length but stamped with the new version would leave
+    /// a hole on the target that no later round sees while the chunk stays busy.
     fn sync_send_start(&mut self, i: u32) {
+        let len = self.engine.geometry().chunk_size;
         let o = &mut self.ops[i as usize];
-        if o.len == 0 {
-            return self.sync_send_put(i, 0, &[]);
-        }
-        let len = o.len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
         let op = ChunkOp::Read {
             chunk: o.chunk,
             offset: 0,
@@ -2389,7 +2389,10 @@ impl Net {
                 self.ops[i as usize].len = len as u32;
                 self.sync_send_put(i, info.version, &b.as_slice()[..len]);
             }
-            (Ok(_), _) => self.sync_send_put(i, 0, &[]),
+            (Ok(_), _) => {
+                self.ops[i as usize].len = 0;
+                self.sync_send_put(i, 0, &[])
+            }
             (Err(_), _) => self.sync_abort(i),
         }
     }
