@@ -145,6 +145,35 @@ fn read_local(n: &Node, chunk: ChunkId, len: u32) -> (Status, u64, Vec<u8>) {
     (Status::Ok, version.unwrap_or(0), data)
 }
 
+/// Polls every `poll` until every chain of `table` on which `node` is syncing has
+/// reported its resync done; returns the reports.
+fn wait_synced(
+    nodes: &[Node],
+    table: &ChainTable,
+    node: u32,
+    poll: Duration,
+) -> Vec<(u32, u32, u64)> {
+    let mut synced = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let want: Vec<(u32, u32, u64)> = table
+        .chains
+        .iter()
+        .filter(|c| c.state_of(node) == Some(TargetState::Syncing))
+        .map(|c| (c.id, node, c.version))
+        .collect();
+    while !want.iter().all(|w| synced.contains(w)) {
+        for n in nodes {
+            synced.extend(n.replica.as_ref().unwrap().take_synced());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resync did not finish: {synced:?} of {want:?}"
+        );
+        std::thread::sleep(poll);
+    }
+    synced
+}
+
 #[test]
 fn writes_reach_every_replica_and_read_anywhere() {
     let nodes: Vec<Node> = (1..=3).map(|i| start_node(i, None)).collect();
@@ -385,24 +414,7 @@ fn failed_node_is_bypassed_then_resyncs() {
         write_retry(&mut c, ch, 2 * IO as u32, &pattern(ch, 3, IO));
     }
     // Collect sync reports until every syncing chain is done.
-    let mut synced = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let want: Vec<(u32, u32, u64)> = t2
-        .chains
-        .iter()
-        .filter(|c| c.state_of(3) == Some(TargetState::Syncing))
-        .map(|c| (c.id, 3, c.version))
-        .collect();
-    while !want.iter().all(|w| synced.contains(w)) {
-        for n in &nodes {
-            synced.extend(n.replica.as_ref().unwrap().take_synced());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "resync did not finish: {synced:?} of {want:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let synced = wait_synced(&nodes, &t2, 3, Duration::from_millis(20));
     let t3 = next_table(
         &t2,
         &Health {
@@ -560,24 +572,7 @@ fn resync_while_chunks_grow() {
         )
         .unwrap();
         install(&nodes, &t2);
-        let mut synced = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let want: Vec<(u32, u32, u64)> = t2
-            .chains
-            .iter()
-            .filter(|c| c.state_of(3) == Some(TargetState::Syncing))
-            .map(|c| (c.id, 3, c.version))
-            .collect();
-        while !want.iter().all(|w| synced.contains(w)) {
-            for n in &nodes {
-                synced.extend(n.replica.as_ref().unwrap().take_synced());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "resync did not finish: {synced:?} of {want:?}"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let synced = wait_synced(&nodes, &t2, 3, Duration::from_millis(1));
         let t3 = next_table(
             &t2,
             &Health {
