@@ -4,6 +4,8 @@
 
 #[path = "common/azurite.rs"]
 mod azurite;
+#[path = "common/data.rs"]
+mod data;
 #[path = "common/moto.rs"]
 mod moto;
 #[path = "common/mount.rs"]
@@ -14,6 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use azurite::Azurite;
+use data::pattern;
 use mount::{MountOpts, MountedNode};
 use sha2::{Digest, Sha256};
 
@@ -23,18 +26,6 @@ const PREFIX: &str = "job-7/";
 fn sha(data: &[u8]) -> String {
     let h = Sha256::digest(data);
     h.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A mount over `extra` (a `[blob]` section) with the tests' writeback settings.
@@ -117,8 +108,8 @@ fn writeback_mirrors_files_renames_and_unlinks_into_azurite() {
     let n = node(&az, 200, "");
     let m = &n.mountpoint;
     let small = b"hello, blob\n".to_vec();
-    let big = bytes(1, 5 * 1024 * 1024 + 12_345); // 6 blocks of 1 MiB
-    let gone = bytes(2, 3000);
+    let big = pattern(1, 5 * 1024 * 1024 + 12_345); // 6 blocks of 1 MiB
+    let gone = pattern(2, 3000);
     std::fs::create_dir_all(m.join("step-100/shards")).unwrap();
     std::fs::write(m.join("meta.json"), &small).unwrap();
     std::fs::write(m.join("step-100/shards/rank-0.bin"), &big).unwrap();
@@ -153,7 +144,7 @@ fn writeback_mirrors_files_renames_and_unlinks_into_azurite() {
     );
 
     // Renames (of a file and of a directory), an unlink and an overwrite.
-    let big2 = bytes(3, 2 * 1024 * 1024);
+    let big2 = pattern(3, 2 * 1024 * 1024);
     std::fs::rename(m.join("step-100"), m.join("step-200")).unwrap();
     std::fs::rename(m.join("step-200/empty"), m.join("step-200/done")).unwrap();
     std::fs::remove_file(m.join("scratch.tmp")).unwrap();
@@ -192,11 +183,11 @@ fn an_azurite_outage_keeps_dirty_files_and_the_upload_resumes() {
     az.az(CONTAINER, &["create"]);
     let n = node(&az, 200, "retry_delay_max_ms = 1000");
     let m = &n.mountpoint;
-    let a = bytes(4, 3 * 1024 * 1024 + 7);
+    let a = pattern(4, 3 * 1024 * 1024 + 7);
     std::fs::write(m.join("before.bin"), &a).unwrap();
     flush_wait(&n);
     az.stop();
-    let b = bytes(5, 4 * 1024 * 1024);
+    let b = pattern(5, 4 * 1024 * 1024);
     std::fs::write(m.join("during.bin"), &b).unwrap();
     cli_ok(&n, &["flush"]);
     // The store fails: the file stays dirty and readable, the error is reported.
@@ -226,7 +217,7 @@ fn a_daemon_killed_during_an_upload_resumes_it_after_restart() {
     let az = Azurite::start();
     az.az(CONTAINER, &["create"]);
     let mut n = node(&az, 600_000, "parts_in_flight = 1");
-    let data = bytes(6, 128 << 20);
+    let data = pattern(6, 128 << 20);
     std::fs::write(n.mountpoint.join("model.bin"), &data).unwrap();
     cli_ok(&n, &["flush"]);
     // Kill it once some blocks are sent and before the block list is committed.
@@ -262,7 +253,7 @@ fn a_clean_shutdown_uploads_closed_files_first() {
     az.az(CONTAINER, &["create"]);
     // The delay is longer than the test: only the shutdown flush can send it.
     let mut n = node(&az, 600_000, "");
-    let data = bytes(7, 1_500_000);
+    let data = pattern(7, 1_500_000);
     std::fs::write(n.mountpoint.join("last-step.bin"), &data).unwrap();
     assert_container(&az, &[]);
     n.stop();
@@ -275,7 +266,7 @@ fn a_change_after_an_upload_is_never_taken_for_clean_after_a_crash() {
     az.az(CONTAINER, &["create"]);
     let mut n = node(&az, 600_000, "");
     let path = n.mountpoint.join("weights.bin");
-    let mut data = bytes(8, 256 * 1024);
+    let mut data = pattern(8, 256 * 1024);
     std::fs::write(&path, &data).unwrap();
     flush_wait(&n);
     assert!(state(&path).contains("in-blob"));
@@ -315,7 +306,7 @@ fn writeback_to_s3_mirrors_files_renames_and_unlinks_checked_with_boto3() {
         ),
     ));
     let m = &n.mountpoint;
-    let big = bytes(9, 12 * 1024 * 1024 + 5); // 3 parts of 5 MiB (the last shorter)
+    let big = pattern(9, 12 * 1024 * 1024 + 5); // 3 parts of 5 MiB (the last shorter)
     let small = b"s3 small".to_vec();
     std::fs::create_dir_all(m.join("d")).unwrap();
     std::fs::write(m.join("d/big.bin"), &big).unwrap();

@@ -10,6 +10,8 @@
 mod azurite;
 #[path = "common/cluster.rs"]
 mod cluster;
+#[path = "common/data.rs"]
+mod data;
 #[path = "common/etcd.rs"]
 mod etcd;
 #[path = "common/netns.rs"]
@@ -20,23 +22,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cluster::{Cluster, ClusterOpts};
+use data::pattern;
 use sha2::{Digest, Sha256};
 
 fn mnt(c: &Cluster, i: usize) -> PathBuf {
     c.nodes[i].mountpoint.clone().expect("mounted nodes")
-}
-
-/// Bytes that differ per file and offset (no two 4 KiB blocks alike).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn sha(b: &[u8]) -> Vec<u8> {
