@@ -67,7 +67,6 @@ pub struct BlobFile {
     pub path: Option<String>,
     pub size: u64,
     pub ctime_ns: i64,
-    pub mtime_ns: i64,
     /// Written since its last close or fsync: its writer is not done.
     pub writing: bool,
     pub flushing: bool,
@@ -218,7 +217,6 @@ impl Namespace {
                         path,
                         size: n.rec.size,
                         ctime_ns: n.rec.ctime_ns,
-                        mtime_ns: n.rec.mtime_ns,
                         writing: n.written_unsynced,
                         flushing: n.blob_flushing,
                         uploaded: n.xattrs.get(BLOB_XATTR).and_then(|v| BlobState::decode(v)),
