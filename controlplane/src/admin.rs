@@ -52,7 +52,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const SOCKET_PATH_MAX_BYTES: usize = 107;
 
 const COMMANDS: &str =
-    "status, perf dump, config show, log level, mount, umount, flush, blob status";
+    "status, perf dump, config show, log level, mount, umount, flush, blob status, warmup, warmup status";
 
 /// What the admin socket serves. Implemented by the daemon. The methods run on a
 /// blocking-task thread, so they may take locks or do short I/O.
@@ -75,6 +75,11 @@ pub trait AdminTarget: Send + Sync + 'static {
     fn flush(&self, path: Option<&str>) -> Result<Value, String>;
     /// `{"cmd":"blob status","path":P}`: what is left to upload under `P`.
     fn blob_status(&self, path: Option<&str>) -> Result<Value, String>;
+    /// `{"cmd":"warmup","path":P}`: starts loading the blobs under `P` (all when
+    /// absent) into the cache; returns its progress.
+    fn warmup(&self, path: Option<&str>) -> Result<Value, String>;
+    /// `{"cmd":"warmup status"}`: the progress of the last warmup.
+    fn warmup_status(&self) -> Result<Value, String>;
 }
 
 /// A parsed admin request (public for the fuzz target and its corpus test).
@@ -88,6 +93,8 @@ pub enum Request {
     Umount,
     Flush(Option<String>),
     BlobStatus(Option<String>),
+    Warmup(Option<String>),
+    WarmupStatus,
 }
 
 /// The fuzz target's body (dataplane/fuzz `admin_request`, and the corpus replay in
@@ -106,6 +113,8 @@ pub fn fuzz_parse_request(data: &[u8]) {
                 Request::Umount => serde_json::json!({"cmd": "umount"}),
                 Request::Flush(p) => serde_json::json!({"cmd": "flush", "path": p}),
                 Request::BlobStatus(p) => serde_json::json!({"cmd": "blob status", "path": p}),
+                Request::Warmup(p) => serde_json::json!({"cmd": "warmup", "path": p}),
+                Request::WarmupStatus => serde_json::json!({"cmd": "warmup status"}),
             };
             let again = parse_request(canonical.to_string().as_bytes());
             assert_eq!(again, Ok(Some(req)), "canonical form of a parsed request");
@@ -170,6 +179,8 @@ pub fn parse_request(line: &[u8]) -> Result<Option<Request>, String> {
         "umount" => Request::Umount,
         "flush" => Request::Flush(optional_path(obj, "flush")?),
         "blob status" => Request::BlobStatus(optional_path(obj, "blob status")?),
+        "warmup" => Request::Warmup(optional_path(obj, "warmup")?),
+        "warmup status" => Request::WarmupStatus,
         other => return Err(format!("unknown command {other:?}; commands: {COMMANDS}")),
     };
     Ok(Some(request))
@@ -219,6 +230,8 @@ async fn execute(target: &Arc<dyn AdminTarget>, request: Request) -> Vec<u8> {
         Request::Umount => "umount",
         Request::Flush(_) => "flush",
         Request::BlobStatus(_) => "blob status",
+        Request::Warmup(_) => "warmup",
+        Request::WarmupStatus => "warmup status",
     };
     tracing::debug!(cmd = name, "admin request");
     let outcome = tokio::task::spawn_blocking(move || match request {
@@ -232,6 +245,8 @@ async fn execute(target: &Arc<dyn AdminTarget>, request: Request) -> Vec<u8> {
         Request::Umount => target.umount(),
         Request::Flush(p) => target.flush(p.as_deref()),
         Request::BlobStatus(p) => target.blob_status(p.as_deref()),
+        Request::Warmup(p) => target.warmup(p.as_deref()),
+        Request::WarmupStatus => target.warmup_status(),
     })
     .await;
     match outcome {

@@ -56,6 +56,12 @@ impl AdminTarget for FakeDaemon {
     fn blob_status(&self, _path: Option<&str>) -> Result<Value, String> {
         Err("no [blob] store is configured".to_owned())
     }
+    fn warmup(&self, _path: Option<&str>) -> Result<Value, String> {
+        Err("no [blob] store is configured".to_owned())
+    }
+    fn warmup_status(&self) -> Result<Value, String> {
+        Err("no warmup has run".to_owned())
+    }
 }
 
 fn fake() -> Arc<FakeDaemon> {

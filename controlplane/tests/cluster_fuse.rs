@@ -231,6 +231,63 @@ fn a_cluster_drains_to_azurite_from_its_namespace_owner_across_a_failover() {
     assert_eq!(listing(&az), want);
 }
 
+/// Cache-on-read in a cluster: a blob written by an independent client is read on
+/// every node at once and fetched once per chunk for the whole cluster (counted in
+/// Azurite's access log); then the store goes away and every node still reads it.
+#[test]
+fn a_cluster_fetches_each_chunk_of_a_blob_once_for_readers_on_every_node() {
+    let mut az = azurite::Azurite::start_on(std::net::Ipv4Addr::UNSPECIFIED);
+    az.az("models", &["create"]);
+    let model = pattern(21, 4 * (1 << 20) + 4321); // 5 chunks of 1 MiB
+    let tmp = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+    std::fs::write(tmp.path(), &model).unwrap();
+    az.az(
+        "models",
+        &["put", "llm/model.bin", tmp.path().to_str().unwrap()],
+    );
+    let endpoint = format!(
+        "http://{{HOST_IP}}:{}/{}",
+        az.port,
+        azurite::AZURITE_ACCOUNT
+    );
+    let c = Cluster::start(ClusterOpts {
+        mount: true,
+        extra: az.blob_config_at(&endpoint, "models", "fetch_timeout_ms = 5000"),
+        ..ClusterOpts::default()
+    });
+    let want = sha(&model);
+    // Every node's mount sees the blob (the first lookup lists it at the owner).
+    for i in 0..c.nodes.len() {
+        eventually("the blob in the mount", Duration::from_secs(60), || {
+            std::fs::metadata(mnt(&c, i).join("llm/model.bin"))
+                .ok()
+                .filter(|m| m.len() == model.len() as u64)
+        });
+    }
+    std::thread::scope(|s| {
+        for i in 0..c.nodes.len() {
+            for r in 0..2 {
+                let p = mnt(&c, i).join("llm/model.bin");
+                let want = &want;
+                s.spawn(move || {
+                    let got = std::fs::read(&p).unwrap_or_else(|e| panic!("node {i}: {e}"));
+                    assert_eq!(&sha(&got), want, "node {i} reader {r}");
+                });
+            }
+        }
+    });
+    let gets = az.requests(&format!(
+        "GET /{}/models/llm/model.bin",
+        azurite::AZURITE_ACCOUNT
+    ));
+    assert_eq!(gets, 5, "one GET per chunk for 6 readers on 3 nodes");
+    az.stop();
+    for i in 0..c.nodes.len() {
+        let got = std::fs::read(mnt(&c, i).join("llm/model.bin")).unwrap();
+        assert_eq!(sha(&got), want, "node {i} from the cache");
+    }
+}
+
 /// What one writer thread saw: files whose final rename returned, with their hash.
 type Acked = Vec<(PathBuf, Vec<u8>)>;
 

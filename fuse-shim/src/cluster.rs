@@ -70,7 +70,6 @@ pub struct ClusterNsStatus {
     pub inodes: Option<u64>,
 }
 
-#[derive(Debug)]
 pub struct ClusterNs {
     io: Arc<ChunkIo>,
     replica: Arc<Replica>,
@@ -85,7 +84,21 @@ pub struct ClusterNs {
     calls_local: AtomicU64,
     calls_forwarded: AtomicU64,
     reads_direct: AtomicU64,
+    /// Runs on each namespace this node loads (a takeover), before it serves.
+    on_load: std::sync::OnceLock<OnLoad>,
 }
+
+impl std::fmt::Debug for ClusterNs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNs")
+            .field("me", &self.me)
+            .field("owned", &self.owned)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A hook run on each load of the namespace.
+pub type OnLoad = Box<dyn Fn(&Arc<Namespace>) + Send + Sync>;
 
 /// Calls that change nothing: safe to send again when a connection breaks.
 fn read_only(r: &NsRequest) -> bool {
@@ -99,6 +112,7 @@ fn read_only(r: &NsRequest) -> bool {
             | NsRequest::Getxattr { .. }
             | NsRequest::Listxattr { .. }
             | NsRequest::Statfs
+            | NsRequest::Fill { .. }
     )
 }
 
@@ -121,7 +135,14 @@ impl ClusterNs {
             calls_local: AtomicU64::new(0),
             calls_forwarded: AtomicU64::new(0),
             reads_direct: AtomicU64::new(0),
+            on_load: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets the hook run on each namespace this node loads (once; later calls are
+    /// ignored).
+    pub fn on_load(&self, f: OnLoad) {
+        let _ = self.on_load.set(f);
     }
 
     pub fn status(&self) -> ClusterNsStatus {
@@ -190,6 +211,9 @@ impl ClusterNs {
             Err(Error::Store(spool_dataplane::Error::StaleChain { .. })) => return Ok(None),
             Err(e) => return Err(e),
         };
+        if let Some(f) = self.on_load.get() {
+            f(&ns);
+        }
         self.loads.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             chain_ver = chain.version,
@@ -483,7 +507,16 @@ impl NsOps for ClusterNs {
             return errno(libc::EISDIR);
         }
         self.reads_direct.fetch_add(1, Ordering::Relaxed);
-        crate::data::read_at(&self.io, ino, rec.size, off, len, |d| out(d))
+        // A chunk read short may be one of a file in blob not fetched yet: the owner
+        // fetches it (once for the cluster), then it is read again.
+        let fill = |index: u32| self.fill_chunk(ino, index);
+        crate::data::read_at(&self.io, ino, rec.size, off, len, Some(&fill), |d| out(d))
+    }
+    fn fill_chunk(&self, ino: u64, index: u32) -> Result<()> {
+        if let Some(Route::Local(ns, _, _)) = self.try_route()? {
+            return NsOps::fill_chunk(ns.as_ref(), ino, index);
+        }
+        self.done(NsRequest::Fill { ino, index })
     }
     fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
         match self.call_epoch(NsRequest::Write { ino, off }, data)? {

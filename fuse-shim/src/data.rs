@@ -13,8 +13,9 @@
 use spool_dataplane::store::{ChunkId, ChunkOp, BLOCK_SIZE};
 
 use crate::error::{errno, Error, Result};
-use crate::io::{ChunkIo, WINDOW_BUFFERS_MAX};
+use crate::io::{ChunkIo, OpResult, WINDOW_BUFFERS_MAX};
 use crate::meta::record::Kind;
+use crate::meta::remote::chunk_complete;
 use crate::meta::{now_ns, Namespace};
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
@@ -67,12 +68,16 @@ fn pieces(io: &ChunkIo, off: u64, end: u64) -> Vec<Piece> {
 /// through `io` and hands them to `f`: straight from the DMA buffer when one piece
 /// covers the range. A mount whose namespace runs on another node reads file data
 /// this way too, with the size it got from the owner (`cluster`).
+///
+/// `fill` (cache-on-read) is asked for each chunk read short of its complete length
+/// (see `meta::remote`) and the piece read again after it; `None` reads holes as zeros.
 pub fn read_at<R>(
     io: &ChunkIo,
     ino: u64,
     size: u64,
     off: u64,
     len: u32,
+    fill: Option<&dyn Fn(u32) -> Result<()>>,
     f: impl FnOnce(&[u8]) -> R,
 ) -> Result<R> {
     if off >= size || len == 0 {
@@ -80,6 +85,19 @@ pub fn read_at<R>(
     }
     let end = size.min(off + u64::from(len));
     let pieces = pieces(io, off, end);
+    let chunk_size = u64::from(io.chunk_size);
+    // A piece's outcome, after a fill when its chunk was short.
+    let checked = |p: &Piece, r: OpResult, op: &dyn Fn(&Piece) -> ChunkOp| -> Result<OpResult> {
+        let Some(fill) = fill else { return Ok(r) };
+        let Ok(info) = &r.0 else { return Ok(r) };
+        let index = (p.start / chunk_size) as u32;
+        if chunk_complete(info.len, size, index, chunk_size) {
+            return Ok(r);
+        }
+        drop(r);
+        fill(index)?;
+        Ok(io.run_one(op(p)))
+    };
     let read_op = |p: &Piece| {
         let (chunk, coff) = chunk_of(u64::from(io.chunk_size), ino, p.start);
         let mut buf = io.buffer();
@@ -94,7 +112,7 @@ pub fn read_at<R>(
     if pieces.len() == 1 {
         // The common case (page-aligned kernel reads inside one chunk): reply
         // straight from the DMA buffer.
-        let (r, buf) = io.run_one(read_op(&pieces[0]));
+        let (r, buf) = checked(&pieces[0], io.run_one(read_op(&pieces[0])), &read_op)?;
         r?;
         let buf = buf.expect("read buffer");
         let skip = (off - pieces[0].start) as usize;
@@ -103,7 +121,8 @@ pub fn read_at<R>(
     let mut out = Vec::with_capacity((end - off) as usize);
     for window in pieces.chunks(WINDOW_BUFFERS_MAX) {
         let ops = window.iter().map(read_op).collect();
-        for (p, (r, buf)) in window.iter().zip(io.run(ops)) {
+        for (p, r) in window.iter().zip(io.run(ops)) {
+            let (r, buf) = checked(p, r, &read_op)?;
             r?;
             let b = buf.expect("read buffer");
             let lo = off.max(p.start);
@@ -128,7 +147,7 @@ impl Namespace {
         pieces(&self.io, off, end)
     }
 
-    fn io_lock(&self, ino: u64) -> Result<std::sync::Arc<std::sync::RwLock<()>>> {
+    pub(crate) fn io_lock(&self, ino: u64) -> Result<std::sync::Arc<std::sync::RwLock<()>>> {
         let st = self.lock();
         let n = st.node(ino)?;
         match n.rec.kind {
@@ -147,9 +166,18 @@ impl Namespace {
             if n.rec.kind == Kind::Dir {
                 return errno(libc::EISDIR);
             }
-            n.rec.size
+            (n.rec.size, n.blob_clean && self.reader().is_some())
         };
-        read_at(&self.io, ino, size, off, len, f)
+        let (size, clean) = size;
+        if !clean {
+            return read_at(&self.io, ino, size, off, len, None, f);
+        }
+        let fill = |index: u32| {
+            self.blob_fill(ino, index)?;
+            self.blob_prefetch(ino, index, size);
+            Ok(())
+        };
+        read_at(&self.io, ino, size, off, len, Some(&fill), f)
     }
 
     /// The block at `block_start` as it should be kept by a partial overwrite: device
@@ -211,7 +239,7 @@ impl Namespace {
         if len == 0 {
             return Ok(());
         }
-        self.blob_touch(ino)?;
+        self.blob_touch(ino, u64::MAX)?;
         let end = off.checked_add(len).ok_or(Error::Errno(libc::EFBIG))?;
         if end > self.file_size_max() {
             return errno(libc::EFBIG);
@@ -384,9 +412,9 @@ impl Namespace {
         if new_size > self.file_size_max() {
             return errno(libc::EFBIG);
         }
-        self.blob_touch(ino)?;
         let io = self.io_lock(ino)?;
         let _g = io.write().unwrap_or_else(|p| p.into_inner());
+        self.blob_touch(ino, new_size)?;
         let old = self.getattr(ino)?.size;
         let t = now_ns();
         // The size change is the commit point; data past it is dropped after.
@@ -421,9 +449,9 @@ impl Namespace {
             m if m == PUNCH | KEEP_SIZE || m == ZERO || m == ZERO | KEEP_SIZE => true,
             _ => return errno(libc::EOPNOTSUPP),
         };
-        self.blob_touch(ino)?;
         let io = self.io_lock(ino)?;
         let _g = io.write().unwrap_or_else(|p| p.into_inner());
+        self.blob_touch(ino, u64::MAX)?;
         let size = self.getattr(ino)?.size;
         if zero && off < size {
             let zend = end.min(size);

@@ -19,6 +19,9 @@ pub enum Error {
     Failed(String),
     #[error("mount: {0}")]
     Mount(String),
+    /// The blob store failed a fetch or returned something unexpected.
+    #[error("blob: {0}")]
+    Blob(String),
 }
 
 impl Error {

@@ -85,6 +85,9 @@ pub trait NsOps: Send + Sync + std::fmt::Debug {
     /// Hands the bytes read (short at end of file) to `out`.
     fn read(&self, ino: u64, off: u64, len: u32, out: &mut dyn FnMut(&[u8])) -> Result<()>;
     fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize>;
+    /// Cache-on-read: makes chunk `index` of a file that is clean in blob complete
+    /// (fetched once, where the namespace runs); nothing for other files.
+    fn fill_chunk(&self, ino: u64, index: u32) -> Result<()>;
     fn flush_inode(&self, ino: u64) -> Result<()>;
     fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>>;
     fn listxattr(&self, ino: u64) -> Result<Vec<u8>>;
@@ -165,6 +168,12 @@ impl NsOps for Namespace {
     }
     fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
         Namespace::write(self, ino, off, data)
+    }
+    fn fill_chunk(&self, ino: u64, index: u32) -> Result<()> {
+        self.blob_fill(ino, index)?;
+        let size = Namespace::getattr(self, ino)?.size;
+        self.blob_prefetch(ino, index, size);
+        Ok(())
     }
     fn flush_inode(&self, ino: u64) -> Result<()> {
         Namespace::flush_inode(self, ino)
@@ -306,6 +315,10 @@ pub enum NsRequest {
         name: Vec<u8>,
     },
     Statfs,
+    Fill {
+        ino: u64,
+        index: u32,
+    },
 }
 
 /// A call's result on the wire (bytes, such as read data, travel beside it).
@@ -413,6 +426,7 @@ pub fn dispatch(ns: &dyn NsOps, req: &NsRequest, data: &[u8], out: &mut Vec<u8>)
         } => done(ns.setxattr(*ino, name, value, *flags)),
         R::Removexattr { ino, name } => done(ns.removexattr(*ino, name)),
         R::Statfs => ns.statfs().map(NsReply::Stats),
+        R::Fill { ino, index } => done(ns.fill_chunk(*ino, *index)),
     };
     r.unwrap_or_else(|e: Error| {
         if !matches!(e, Error::Errno(_)) {

@@ -315,6 +315,9 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
         };
         write_msg(v, &NsRequest::SetAttr { ino: 3, attr }, &[])
     });
+    put("fill", &|v| {
+        write_msg(v, &NsRequest::Fill { ino: 12, index: 3 }, &[])
+    });
     put("reply_errno", &|v| {
         write_msg(v, &(7u64, NsReply::Errno(2)), &[])
     });

@@ -95,6 +95,21 @@ pub struct BlobConfig {
     /// 60000); what is left uploads after the next start.
     #[serde(default = "d_shutdown")]
     pub shutdown_flush_ms: u64,
+    /// Cache-on-read: objects of the container under the prefix appear in the mount
+    /// and are fetched on first read (default true).
+    #[serde(default = "d_true")]
+    pub read_through: bool,
+    /// How long a directory's listing of the container stays fresh, 0..86400000
+    /// (default 10000; 0 lists at every lookup).
+    #[serde(default = "d_ttl")]
+    pub listing_ttl_ms: u64,
+    /// Chunks fetched ahead of a sequential reader, 0..64 (default 4).
+    #[serde(default = "d_prefetch")]
+    pub prefetch_chunks: u32,
+    /// How long one fetch or listing may take, retries included, before the read
+    /// fails with EIO, 1000..600000 (default 30000).
+    #[serde(default = "d_fetch_timeout")]
+    pub fetch_timeout_ms: u64,
 }
 
 impl BlobBackend {
@@ -127,6 +142,18 @@ fn d_retry() -> u64 {
 }
 fn d_shutdown() -> u64 {
     60_000
+}
+fn d_true() -> bool {
+    true
+}
+fn d_ttl() -> u64 {
+    10_000
+}
+fn d_prefetch() -> u32 {
+    4
+}
+fn d_fetch_timeout() -> u64 {
+    30_000
 }
 
 fn range(p: &mut Vec<String>, key: &str, v: u64, min: u64, max: u64) {
@@ -161,6 +188,9 @@ impl BlobConfig {
             0,
             86_400_000,
         );
+        range(p, "listing_ttl_ms", self.listing_ttl_ms, 0, 86_400_000);
+        range(p, "prefetch_chunks", u64::from(self.prefetch_chunks), 0, 64);
+        range(p, "fetch_timeout_ms", self.fetch_timeout_ms, 1000, 600_000);
         let part = self.part_size.0;
         if !(1 << 20..=100 << 20).contains(&part) {
             p.push(format!(

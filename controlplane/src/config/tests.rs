@@ -577,6 +577,11 @@ fn blob_section_defaults_and_round_trip() {
     assert_eq!(b.mode, BlobMode::Writeback);
     assert_eq!(b.writeback_delay_ms, 2000);
     assert_eq!(b.part_size, ByteSize::mib(8));
+    assert!(b.read_through);
+    assert_eq!(
+        (b.listing_ttl_ms, b.prefetch_chunks, b.fetch_timeout_ms),
+        (10_000, 4, 30_000)
+    );
     assert_eq!(Config::from_toml_str(&c.to_toml_string()).unwrap(), c);
     let l =
         with("[blob]\nbackend = \"local\"\npath = \"/srv/blob\"\nmode = \"cache-only\"\n").unwrap();
@@ -599,6 +604,17 @@ fn blob_values_are_checked_with_their_keys() {
             "blob.files_in_flight = 0: must be between 1 and 64",
             "blob.endpoint = \"ftp://x\"",
             "blob.path: only for backend = \"local\"",
+        ],
+    );
+    assert_has(
+        &device(
+            "[blob]\nbackend = \"local\"\npath = \"/x\"\nlisting_ttl_ms = 86400001\n\
+             prefetch_chunks = 65\nfetch_timeout_ms = 999\n",
+        ),
+        &[
+            "blob.listing_ttl_ms = 86400001: must be between 0 and 86400000",
+            "blob.prefetch_chunks = 65: must be between 0 and 64",
+            "blob.fetch_timeout_ms = 999: must be between 1000 and 600000",
         ],
     );
     assert_has(
@@ -633,6 +649,7 @@ fn example_blob_section_loads_when_uncommented() {
     let b = c.blob.unwrap();
     assert_eq!(b.container.as_deref(), Some("checkpoints"));
     assert_eq!(b.prefix, "job-7/");
+    assert_eq!(b.listing_ttl_ms, 10_000);
 }
 
 #[test]

@@ -8,6 +8,10 @@ Usage: azcheck.py ENDPOINT CONTAINER COMMAND [ARGS]
   upload-dir DIR PREFIX CONCURRENCY
                        upload every file of DIR as PREFIX+NAME, all files at once, each
                        with CONCURRENCY parallel block uploads; prints the seconds taken
+  download-dir PREFIX DIR CONCURRENCY
+                       download every blob under PREFIX into DIR (names without the
+                       prefix), all at once, each with CONCURRENCY parallel range
+                       downloads; prints the seconds taken
   sas                  prints a read-write SAS URL of the container (for rclone)
 ENDPOINT is the account URL, e.g. http://127.0.0.1:10000/devstoreaccount1.
 """
@@ -72,6 +76,19 @@ def main():
         t0 = time.monotonic()
         with ThreadPoolExecutor(max(1, len(names))) as ex:
             list(ex.map(upload, names))
+        print(f"{time.monotonic() - t0:.3f}")
+    elif cmd == "download-dir":
+        prefix, dst, conc = args
+        os.makedirs(dst, exist_ok=True)
+        names = [b.name for b in c.list_blobs(name_starts_with=prefix)]
+
+        def download(name):
+            with open(os.path.join(dst, name[len(prefix):]), "wb") as f:
+                c.download_blob(name, max_concurrency=int(conc)).readinto(f)
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max(1, len(names))) as ex:
+            list(ex.map(download, names))
         print(f"{time.monotonic() - t0:.3f}")
     else:
         sys.exit(f"unknown command {cmd}")

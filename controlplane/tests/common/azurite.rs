@@ -6,7 +6,7 @@
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Azurite's well-known account key (public: the same in every Azurite).
@@ -83,8 +83,16 @@ impl Azurite {
             ])
             .arg("--location")
             .arg(self.dir.path().join("data"))
-            .args(["--skipApiVersionCheck", "--silent"])
-            .stdout(Stdio::null())
+            // The access log (one line per request) goes to `access.log`: tests
+            // count requests from it, independently of the daemon's counters.
+            .args(["--skipApiVersionCheck", "--disableTelemetry"])
+            .stdout(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.path().join("access.log"))
+                    .expect("azurite access log"),
+            )
             .stderr(log)
             .spawn()
             .expect("spawn azurite-blob");
@@ -121,6 +129,20 @@ impl Azurite {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Requests Azurite answered so far whose request line (`METHOD PATH`, the path
+    /// starting at the account) starts with `method_path`, e.g.
+    /// `GET /devstoreaccount1/ckpt/job-7/model.bin` (query strings included).
+    pub fn requests(&self, method_path: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| l.split('"').nth(1))
+            .filter(|req| {
+                req.strip_prefix(method_path)
+                    .is_some_and(|rest| rest.starts_with([' ', '?']))
+            })
+            .count()
     }
 
     /// The account URL.

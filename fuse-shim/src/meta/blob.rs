@@ -50,10 +50,10 @@ pub struct BlobState {
 }
 
 impl BlobState {
-    fn decode(v: &[u8]) -> Option<BlobState> {
+    pub(crate) fn decode(v: &[u8]) -> Option<BlobState> {
         serde_json::from_slice(v).ok()
     }
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
 }
@@ -140,8 +140,30 @@ impl Namespace {
     /// change is acknowledged before the log knows the blob is stale. It also marks the
     /// file as being written, under the lock, so an upload that began before this
     /// change cannot be recorded as holding the content (`blob_mark`).
-    pub(crate) fn blob_touch(&self, ino: u64) -> Result<()> {
+    ///
+    /// With cache-on-read, the caller holds the file's io lock: chunks below
+    /// `keep_below` are fetched first (the file stops being a copy of its blob, so
+    /// nothing may be left to fetch), and fills still running end before it returns.
+    pub(crate) fn blob_touch(&self, ino: u64, keep_below: u64) -> Result<()> {
         let mut st = self.lock();
+        let mut hydrated = false;
+        if st.node(ino).is_ok_and(|n| n.blob_clean) && self.reader().is_some() {
+            // Only the first change of a clean file pays this (the io lock is held,
+            // so it stays clean until this returns).
+            drop(st);
+            self.blob_hydrate(ino, keep_below)?;
+            hydrated = true;
+            st = self.lock();
+        }
+        let r = self.blob_touch_log(st, ino);
+        if hydrated {
+            // Fills past `keep_below` may still run (a truncate): let them land first.
+            self.blob_quiesce(ino);
+        }
+        r
+    }
+
+    fn blob_touch_log(&self, mut st: std::sync::MutexGuard<'_, State>, ino: u64) -> Result<()> {
         let Ok(n) = st.node_mut(ino) else {
             return Ok(());
         };
@@ -266,6 +288,7 @@ impl Namespace {
         }
         let old = n.xattrs.get(BLOB_XATTR).and_then(|v| BlobState::decode(v));
         n.blob_clean = true;
+        n.blob_marked_ns = now_ns();
         let mut recs = vec![Record::Xattr {
             ino,
             name: BLOB_XATTR.to_vec(),

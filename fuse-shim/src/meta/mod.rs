@@ -9,6 +9,7 @@
 pub mod blob;
 pub mod log;
 pub mod record;
+pub mod remote;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,6 +90,8 @@ pub struct Namespace {
     checkpointing: AtomicBool,
     /// The blob tier's uploader runs for this namespace (see `blob`).
     blob_on: AtomicBool,
+    /// Cache-on-read from the blob store (see `remote`).
+    pub(crate) remote: remote::ReadThrough,
 }
 
 impl Namespace {
@@ -144,6 +147,7 @@ impl Namespace {
             chunk_size,
             checkpointing: AtomicBool::new(false),
             blob_on: AtomicBool::new(false),
+            remote: remote::ReadThrough::default(),
         };
         ns.recover()?;
         Ok(ns)
@@ -277,6 +281,7 @@ impl Namespace {
         if name.len() > NAME_MAX_BYTES {
             return errno(libc::ENAMETOOLONG);
         }
+        self.blob_refresh_dir(parent)?;
         let st = self.lock();
         let ino = st
             .dir(parent)?
@@ -297,6 +302,10 @@ impl Namespace {
     /// Up to `max` entries after `cookie` (0 = from the start; `.` and `..` are the
     /// caller's).
     pub fn readdir(&self, ino: u64, after: u64, max: usize) -> Result<Vec<DirEntry>> {
+        // The first batch of a listing (cookies 1 and 2 are "." and "..").
+        if after <= 2 {
+            self.blob_refresh_dir(ino)?;
+        }
         let st = self.lock();
         let d = st.dir(ino)?;
         let mut out = Vec::with_capacity(max.min(d.len()));
@@ -458,7 +467,7 @@ impl Namespace {
                 v.nlink = v.nlink.saturating_sub(1);
                 v.ctime_ns = t;
                 free_after = v.nlink == 0 && !victim.in_use();
-                if v.nlink == 0 {
+                if v.nlink == 0 && self.blob_deletes() {
                     recs.extend(blob::tombstone(&st, ino));
                 }
                 recs.push(Record::Inode(v));
@@ -557,7 +566,7 @@ impl Namespace {
                     if vr.nlink == 0 && !v.in_use() {
                         free_after = Some(dst);
                     }
-                    if vr.nlink == 0 {
+                    if vr.nlink == 0 && self.blob_deletes() {
                         recs.extend(blob::tombstone(&st, dst));
                     }
                     recs.push(Record::Inode(vr));

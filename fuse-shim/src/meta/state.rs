@@ -76,6 +76,9 @@ pub struct Node {
     pub blob_stale_lsn: u64,
     /// The uploader is sending this file now.
     pub blob_flushing: bool,
+    /// When the uploader last recorded a blob for it (a listing begun earlier may
+    /// show the blob before that upload: it is not a change behind Spool's back).
+    pub blob_marked_ns: i64,
 }
 
 impl Node {
@@ -124,6 +127,7 @@ impl State {
                     blob_clean: false,
                     blob_stale_lsn: 0,
                     blob_flushing: false,
+                    blob_marked_ns: 0,
                 });
                 if n.rec.kind != rec.kind {
                     return Err(Error::corrupt(

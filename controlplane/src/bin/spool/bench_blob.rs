@@ -2,7 +2,9 @@
 //! side by side in one run on the same Azurite with what users would pick instead: a
 //! direct upload with the Azure SDK for Python, and `rclone mount --vfs-cache-mode
 //! writes`. Reports the time until the checkpoint is durable in the cache (the job can
-//! go on) and until it is in the blob store, and the store requests it cost.
+//! go on) and until it is in the blob store, and the store requests it cost; then the
+//! checkpoint read back through a fresh node's cache-on-read, cold (from the store)
+//! and warm (from the cache), against a direct download with the SDK.
 
 #[path = "../../../tests/common/azurite.rs"]
 mod azurite;
@@ -167,54 +169,123 @@ impl Drop for Proc {
     }
 }
 
+/// A running `spool serve` over `container` with its mount, in `b.dir/<name>`.
+struct SpoolNode {
+    mnt: PathBuf,
+    socket: PathBuf,
+    _proc: Proc,
+}
+
+impl SpoolNode {
+    fn start(
+        b: &BlobBench,
+        az: &azurite::Azurite,
+        name: &str,
+        container: &str,
+        blob: &str,
+    ) -> Result<SpoolNode> {
+        let dir = b.dir.join(name);
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt)?;
+        let total = b.files as u64 * b.file_size.0;
+        let socket = dir.join("admin.sock");
+        let cfg = format!(
+            "[device]\npath = \"{d}/dev.img\"\nsize = \"{size}\"\n\
+             [dataplane]\ncores = 1\npin = false\n[hugepages]\npolicy = \"prefer\"\nbuffers = 64\n\
+             [admin]\nsocket = \"{sock}\"\n[mount]\nmountpoint = \"{mnt}\"\n\
+             {blob}",
+            d = dir.display(),
+            size = ByteSize((2 * total).max(1 << 30)),
+            sock = socket.display(),
+            mnt = mnt.display(),
+            blob = az.blob_config(container, blob),
+        );
+        std::fs::write(dir.join("spool.toml"), cfg)?;
+        let log = std::fs::File::create(dir.join("spool.log"))?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(dir.join("spool.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting spool serve")?;
+        let proc = Proc(child, mnt.clone());
+        wait_for("spool mount", Duration::from_secs(60), || {
+            Ok(socket.exists() && is_mounted(&mnt))
+        })?;
+        Ok(SpoolNode {
+            mnt,
+            socket,
+            _proc: proc,
+        })
+    }
+
+    fn ask(&self, req: Value) -> Result<Value> {
+        Ok(admin::request_blocking(&self.socket, &req)?)
+    }
+}
+
 /// The spool rows: seconds to durable in cache, to durable in blob, and counters.
 fn run_spool(b: &BlobBench, az: &azurite::Azurite, src: &Path) -> Result<(f64, f64, Value)> {
-    let dir = b.dir.join("spool");
-    let mnt = dir.join("mnt");
-    std::fs::create_dir_all(&mnt)?;
-    let total = b.files as u64 * b.file_size.0;
-    let socket = dir.join("admin.sock");
-    let cfg = format!(
-        "[device]\npath = \"{d}/dev.img\"\nsize = \"{size}\"\n\
-         [dataplane]\ncores = 1\npin = false\n[hugepages]\npolicy = \"prefer\"\nbuffers = 64\n\
-         [admin]\nsocket = \"{sock}\"\n[mount]\nmountpoint = \"{mnt}\"\n\
-         {blob}",
-        d = dir.display(),
-        size = ByteSize((2 * total).max(1 << 30)),
-        sock = socket.display(),
-        mnt = mnt.display(),
-        blob = az.blob_config(
-            "spool",
-            &format!(
-                "prefix = \"ckpt/\"\nwriteback_delay_ms = 0\nscan_interval_ms = 100\npart_size = \"{}\"\n",
-                b.part_size
-            )
-        ),
+    let blob = format!(
+        "prefix = \"ckpt/\"\nwriteback_delay_ms = 0\nscan_interval_ms = 100\npart_size = \"{}\"\n",
+        b.part_size
     );
-    std::fs::write(dir.join("spool.toml"), cfg)?;
-    let log = std::fs::File::create(dir.join("spool.log"))?;
-    let child = Command::new(std::env::current_exe()?)
-        .args(["serve", "--config"])
-        .arg(dir.join("spool.toml"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting spool serve")?;
-    let _node = Proc(child, mnt.clone());
-    wait_for("spool mount", Duration::from_secs(60), || {
-        Ok(socket.exists() && is_mounted(&mnt))
-    })?;
-    let t_cache = write_checkpoint(src, &mnt)?;
+    let node = SpoolNode::start(b, az, "spool", "spool", &blob)?;
+    let t_cache = write_checkpoint(src, &node.mnt)?;
     let t0 = Instant::now();
-    let ask = |req: Value| -> Result<Value> { Ok(admin::request_blocking(&socket, &req)?) };
-    ask(json!({"cmd": "flush"}))?;
+    node.ask(json!({"cmd": "flush"}))?;
     let mut last = Value::Null;
     wait_for("spool upload", Duration::from_secs(3600), || {
-        last = ask(json!({"cmd": "blob status"}))?;
+        last = node.ask(json!({"cmd": "blob status"}))?;
         Ok(last["backlog"]["dirty_files"].as_u64() == Some(0))
     })?;
     let t_blob = t_cache + t0.elapsed().as_secs_f64();
     Ok((t_cache, t_blob, last))
+}
+
+/// Reads every file of `src`'s names under `dir`, one reader thread each, and checks
+/// them against `src`; returns the seconds the reads took.
+fn read_checkpoint(src: &Path, dir: &Path) -> Result<f64> {
+    let names: Vec<std::ffi::OsString> = std::fs::read_dir(src)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()?;
+    let t0 = Instant::now();
+    let handles: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let p = dir.join(n);
+            std::thread::spawn(move || {
+                std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+            })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for h in handles {
+        got.push(h.join().map_err(|_| anyhow::anyhow!("reader panicked"))??);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    for (n, data) in names.iter().zip(got) {
+        if std::fs::read(src.join(n))? != data {
+            bail!(
+                "{}: read back differs from the source",
+                dir.join(n).display()
+            );
+        }
+    }
+    Ok(secs)
+}
+
+/// Cache-on-read rows: a fresh node over the SDK's container (cache-only) reads the
+/// checkpoint cold (fetched from the store), then warm (from the cache). Returns the
+/// two times and the GETs the cold read cost.
+fn run_spool_read(b: &BlobBench, az: &azurite::Azurite, src: &Path) -> Result<(f64, f64, u64)> {
+    let node = SpoolNode::start(b, az, "spool-read", "sdk", "mode = \"cache-only\"\n")?;
+    let cold = read_checkpoint(src, &node.mnt.join("ckpt"))?;
+    let st = node.ask(json!({"cmd": "status"}))?;
+    let gets = st["blob_read"]["requests"]["get"].as_u64().unwrap_or(0);
+    let warm = read_checkpoint(src, &node.mnt.join("ckpt"))?;
+    Ok((cold, warm, gets))
 }
 
 /// rclone's rows: seconds until the writers' close returned, and until every file is
@@ -338,6 +409,46 @@ pub fn run(b: &BlobBench) -> Result<()> {
             format!("{}; {:.2}x the SDK's time", rate(rc_blob), rc_blob / sdk_s),
         ));
     }
+    let sdk_get_s: f64 = az
+        .az(
+            "sdk",
+            &[
+                "download-dir",
+                "ckpt/",
+                &b.dir.join("sdk-get").display().to_string(),
+                "4",
+            ],
+        )
+        .trim()
+        .parse()
+        .context("azcheck download-dir output")?;
+    let (cold_s, warm_s, gets) = run_spool_read(b, &az, &src)?;
+    rows.push(Row::new(
+        "Azure SDK (Python) direct download",
+        sdk_get_s,
+        "s",
+        format!("{} (the peer)", rate(sdk_get_s)),
+    ));
+    rows.push(Row::new(
+        "spool: cold read (cache-on-read from blob)",
+        cold_s,
+        "s",
+        format!(
+            "{}; {:.2}x the SDK's time; {gets} GETs",
+            rate(cold_s),
+            cold_s / sdk_get_s
+        ),
+    ));
+    rows.push(Row::new(
+        "spool: warm read (from the cache)",
+        warm_s,
+        "s",
+        format!(
+            "{}; {:.2}x the SDK's time",
+            rate(warm_s),
+            warm_s / sdk_get_s
+        ),
+    ));
     let up = st["bytes_uploaded"].as_u64().unwrap_or(0) as f64;
     let r = &st["requests"];
     let reqs: u64 = ["put", "put_block", "put_block_list", "delete"]

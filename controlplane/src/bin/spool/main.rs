@@ -108,6 +108,24 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         socket: PathBuf,
     },
+    /// Load the blobs under PATH (a model, a dataset; all when absent) into the cache
+    /// ahead of a job, showing progress until they are there.
+    Warmup {
+        /// A file or directory in the mount (absolute, or relative to the mount).
+        path: Option<String>,
+        /// Start it and return at once (`spool warmup --status` shows progress).
+        #[arg(long)]
+        no_wait: bool,
+        /// Show the progress of the last warmup instead of starting one.
+        #[arg(long, conflicts_with_all = ["path", "no_wait"])]
+        status: bool,
+        /// Give up waiting (exit 1; the warmup goes on) after this many seconds; 0
+        /// waits forever.
+        #[arg(long, default_value_t = 0)]
+        timeout_s: u64,
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+    },
     /// Benchmarks against the machine's limits.
     Bench {
         #[command(subcommand)]
@@ -215,6 +233,19 @@ fn run(cli: Cli) -> Result<()> {
             timeout_s,
             socket,
         } => flush(&socket, path.as_deref(), wait, timeout_s),
+        Cmd::Warmup {
+            path,
+            no_wait,
+            status,
+            timeout_s,
+            socket,
+        } => warmup(
+            &socket,
+            path.as_deref(),
+            !no_wait && !status,
+            status,
+            timeout_s,
+        ),
         Cmd::Status {
             path: None,
             socket,
@@ -305,12 +336,65 @@ fn file_blob_state(path: &std::path::Path) -> Result<String> {
     }
 }
 
-/// `spool flush`: asks for the upload, then (with `wait`) polls the backlog.
-fn flush(socket: &std::path::Path, path: Option<&str>, wait: bool, timeout_s: u64) -> Result<()> {
-    let abs = path.map(|p| match std::path::absolute(p) {
+/// A path given on the command line as the daemon takes it: absolute when it names
+/// something here (the daemon maps it into the mount), else as given (mount-relative).
+fn daemon_path(path: Option<&str>) -> Option<String> {
+    path.map(|p| match std::path::absolute(p) {
         Ok(a) if p.starts_with('/') || std::path::Path::new(p).exists() => a.display().to_string(),
         _ => p.to_owned(),
-    });
+    })
+}
+
+/// `spool warmup`: starts it (unless `status`), then (with `wait`) polls its progress.
+fn warmup(
+    socket: &std::path::Path,
+    path: Option<&str>,
+    wait: bool,
+    status: bool,
+    timeout_s: u64,
+) -> Result<()> {
+    let mut v = if status {
+        ask(socket, json!({"cmd": "warmup status"}))?
+    } else {
+        ask(socket, json!({"cmd": "warmup", "path": daemon_path(path)}))?
+    };
+    let t0 = std::time::Instant::now();
+    loop {
+        let mib = |k: &str| v[k].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
+        let finished = v["finished"].as_bool().unwrap_or(false);
+        let line = if v["listing"].as_bool().unwrap_or(false) {
+            "listing the container ...".to_owned()
+        } else {
+            format!(
+                "{} file(s), {:.1} of {:.1} MiB in the cache ({:.1} s)",
+                v["files"],
+                mib("bytes_done"),
+                mib("bytes_total"),
+                v["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+            )
+        };
+        if let Some(e) = v["error"].as_str() {
+            anyhow::bail!("warmup of {:?} failed: {e} ({line})", v["path"]);
+        }
+        if finished {
+            println!("warmed up: {line}");
+            return Ok(());
+        }
+        println!("{line}");
+        if !wait {
+            return Ok(());
+        }
+        if timeout_s > 0 && t0.elapsed().as_secs() >= timeout_s {
+            anyhow::bail!("not warm after {timeout_s} s (it goes on in the daemon)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        v = ask(socket, json!({"cmd": "warmup status"}))?;
+    }
+}
+
+/// `spool flush`: asks for the upload, then (with `wait`) polls the backlog.
+fn flush(socket: &std::path::Path, path: Option<&str>, wait: bool, timeout_s: u64) -> Result<()> {
+    let abs = daemon_path(path);
     let mut v = ask(socket, json!({"cmd": "flush", "path": abs}))?;
     let t0 = std::time::Instant::now();
     loop {

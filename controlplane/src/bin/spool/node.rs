@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use spool_controlplane::admin::{AdminServer, AdminTarget};
-use spool_controlplane::blob::{self, NsSource, Writeback};
+use spool_controlplane::blob::{self, NsSource, StoreReader, Warmup, Writeback};
 use spool_controlplane::cluster::agent::Agent;
 use spool_controlplane::config::{BlobMode, Config, DeviceBackend, HugepagePolicy};
 use spool_controlplane::logging::{self, LogHandle};
@@ -25,6 +25,7 @@ use spool_dataplane::store::{self, FormatOptions, Superblock};
 use spool_dataplane::Error as DpError;
 use spool_fuse_shim::cluster::ClusterNs;
 use spool_fuse_shim::io::ChunkIo;
+use spool_fuse_shim::meta::remote::BlobReader;
 use spool_fuse_shim::ops::NsOps;
 use spool_fuse_shim::rpc::{self, RpcServer};
 use spool_fuse_shim::{MountOptions, Mounted, Namespace};
@@ -96,6 +97,10 @@ struct Node {
     cluster_ns: Option<(Arc<ClusterNs>, RpcServer)>,
     /// `[blob]` in writeback mode: the uploader.
     blob: std::sync::OnceLock<Writeback>,
+    /// `[blob]` with `read_through`: what the namespace fetches from.
+    reader: Option<Arc<StoreReader>>,
+    /// The last `spool warmup`.
+    warmup: Mutex<Option<Arc<Warmup>>>,
 }
 
 impl Node {
@@ -107,6 +112,9 @@ impl Node {
         let t0 = Instant::now();
         let io = Arc::new(ChunkIo::new(Arc::clone(&self.engine)));
         let n = Arc::new(Namespace::open(io).context("loading the namespace")?);
+        if let Some(r) = &self.reader {
+            n.blob_read_from(Arc::clone(r) as Arc<dyn BlobReader>);
+        }
         tracing::info!(
             ms = t0.elapsed().as_millis() as u64,
             inodes = n.status().inodes,
@@ -270,6 +278,7 @@ impl AdminTarget for Node {
                 v["backlog"] = json!(w.backlog(""));
                 v
             }),
+            "blob_read": self.reader.as_ref().map(|r| r.status()),
         })
     }
     fn perf_dump(&self) -> Value {
@@ -297,6 +306,32 @@ impl AdminTarget for Node {
         let p = self.mount_path(path)?;
         w.flush(&p);
         self.blob_status(path)
+    }
+    fn warmup(&self, path: Option<&str>) -> Result<Value, String> {
+        if self.reader.is_none() {
+            return Err("no cache-on-read here: the config has no [blob] section, or blob.read_through is false".to_owned());
+        }
+        let p = self.mount_path(path)?;
+        let ns = self.running_namespace().ok_or(
+            "the namespace does not run on this node (ask the namespace owner: spool status shows it)",
+        )?;
+        let mut cur = self.warmup.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = cur.as_ref().filter(|w| !w.finished()) {
+            return Err(format!(
+                "a warmup of {:?} is running; wait for it (spool warmup --status)",
+                w.path
+            ));
+        }
+        let w = Warmup::start(ns, p);
+        let v = w.status();
+        *cur = Some(w);
+        Ok(v)
+    }
+    fn warmup_status(&self) -> Result<Value, String> {
+        let cur = self.warmup.lock().unwrap_or_else(|p| p.into_inner());
+        cur.as_ref()
+            .map(|w| w.status())
+            .ok_or_else(|| "no warmup has run since the daemon started".to_owned())
     }
     fn blob_status(&self, path: Option<&str>) -> Result<Value, String> {
         let w = self.writeback()?;
@@ -445,6 +480,21 @@ pub fn serve(config_path: &Path) -> Result<()> {
         cores = dp.cores,
         "dataplane running"
     );
+    // Before the mount: cache-on-read blocks FUSE threads on it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("spool-ctl")
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    let reader = match cfg.blob.as_ref().filter(|b| b.read_through) {
+        Some(b) => Some(Arc::new(StoreReader::new(
+            b.clone(),
+            blob::store::open(b)?,
+            rt.handle().clone(),
+        ))),
+        None => None,
+    };
     let (replica, cluster_ns) = match &cfg.cluster {
         Some(c) => {
             let secret = std::fs::read(&c.key_file)
@@ -475,6 +525,11 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 head_of,
             ));
             let cns = Arc::new(ClusterNs::new(io, Arc::clone(&r), c.node_id, key.clone()));
+            if let Some(rd) = &reader {
+                // Each load of the namespace (a takeover) reads through the store.
+                let rd = Arc::clone(rd) as Arc<dyn BlobReader>;
+                cns.on_load(Box::new(move |ns| ns.blob_read_from(Arc::clone(&rd))));
+            }
             let served = Arc::clone(&cns);
             let server = RpcServer::start(
                 rpc::ns_addr(c.listen),
@@ -503,6 +558,8 @@ pub fn serve(config_path: &Path) -> Result<()> {
         agent: std::sync::OnceLock::new(),
         cluster_ns,
         blob: std::sync::OnceLock::new(),
+        reader,
+        warmup: Mutex::new(None),
     });
     if let Some(b) = cfg.blob.as_ref().filter(|b| b.mode == BlobMode::Writeback) {
         let store = blob::store::open(b)?;
@@ -515,12 +572,6 @@ pub fn serve(config_path: &Path) -> Result<()> {
     if let (Some(mp), None) = (&cfg.mount.mountpoint, &cfg.cluster) {
         node.do_mount(mp)?;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("spool-ctl")
-        .enable_all()
-        .build()
-        .context("starting the control runtime")?;
     rt.block_on(async {
         if let (Some(c), Some(r)) = (&cfg.cluster, &node.replica) {
             let agent = Agent::start(c, Arc::clone(r))?;
@@ -539,10 +590,14 @@ pub fn serve(config_path: &Path) -> Result<()> {
             Some(addr) => {
                 let perf = Arc::clone(engine.perf());
                 let blob = node.blob.get().cloned();
+                let reader = node.reader.clone();
                 let render = move || {
                     let mut text = perf.snapshot().to_prometheus("spool_");
                     if let Some(w) = &blob {
                         text.push_str(&w.prometheus());
+                    }
+                    if let Some(r) = &reader {
+                        text.push_str(&r.prometheus());
                     }
                     text
                 };
