@@ -291,3 +291,83 @@ fn writing_into_a_file_not_yet_fetched_keeps_its_other_bytes() {
         "the blob"
     );
 }
+
+#[test]
+fn a_full_cache_evicts_clean_chunks_and_never_dirty_ones() {
+    let mut az = Azurite::start();
+    az.az(CONTAINER, &["create"]);
+    // 96 MiB of blobs through a 64 MiB device.
+    let blobs: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("big/f{i}"), pattern(50 + i, 16 * CHUNK)))
+        .collect();
+    for (p, d) in &blobs {
+        put(&az, p, d);
+    }
+    let n = node(
+        &az,
+        "evict_high_pct = 70\nevict_low_pct = 40\nspace_wait_ms = 2000\nprefetch_chunks = 0",
+        MountOpts {
+            device_size: "64MiB",
+            ..MountOpts::default()
+        },
+    );
+    let m = &n.mountpoint;
+    for (p, d) in &blobs {
+        let got = std::fs::read(m.join(p)).unwrap_or_else(|e| panic!("{p}: {e}\n{}", n.log_text()));
+        assert_eq!(sha(&got), sha(d), "{p}");
+    }
+    let s: serde_json::Value = serde_json::from_str(&cli_ok(&n, &["status", "--json"])).unwrap();
+    assert!(s["blob_read"]["evicted_bytes"].as_u64().unwrap() > 0, "{s}");
+    // The first file was evicted (least recently used): read again, fetched again.
+    let before = gets(&az, "big/f0");
+    assert_eq!(
+        sha(&std::fs::read(m.join("big/f0")).unwrap()),
+        sha(&blobs[0].1)
+    );
+    assert!(
+        gets(&az, "big/f0") > before,
+        "f0 fetched again after its eviction"
+    );
+
+    // With the store down nothing can be uploaded: dirty data fills the cache, clean
+    // chunks make way for it, and the write that finds no room gets ENOSPC.
+    az.stop();
+    std::fs::create_dir_all(m.join("dirty")).unwrap();
+    let mut written = Vec::new();
+    let mut full = None;
+    // Bounded: 64 MiB of device holds fewer than 16 files of 4 MiB.
+    for i in 0..16u64 {
+        let p = m.join(format!("dirty/d{i}"));
+        let d = pattern(100 + i, 4 * CHUNK);
+        let r = std::fs::File::create(&p).and_then(|mut f| {
+            f.write_all(&d)?;
+            f.sync_all()
+        });
+        match r {
+            Ok(()) => written.push((p, d)),
+            Err(e) => {
+                full = Some(e);
+                break;
+            }
+        }
+    }
+    let e = full.expect("the cache never filled");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    assert!(written.len() >= 4, "only {} files fitted", written.len());
+    // The namespace's own log still has room: it did not fail.
+    let s: serde_json::Value = serde_json::from_str(&cli_ok(&n, &["status", "--json"])).unwrap();
+    assert_eq!(s["mount"]["failed"], false, "{s}");
+    // Every acknowledged dirty file is whole, read with the store still down.
+    for (p, d) in &written {
+        let got = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(sha(&got), sha(d), "{}", p.display());
+    }
+    // Back up: the dirty files drain and become evictable; writing goes on.
+    az.start_again();
+    cli_ok(&n, &["flush", "--wait", "--timeout-s", "120"]);
+    let p = m.join("dirty/after");
+    let d = pattern(200, 4 * CHUNK);
+    std::fs::write(&p, &d)
+        .unwrap_or_else(|e| panic!("write after the flush: {e}\n{}", n.log_text()));
+    assert_eq!(sha(&std::fs::read(&p).unwrap()), sha(&d));
+}

@@ -23,6 +23,8 @@ const BLOCK: u64 = BLOCK_SIZE as u64;
 /// allocation a few times per file rather than per write.
 const ALLOC_STEP_MIN_BYTES: u64 = 64 << 20;
 const ALLOC_STEP_MAX_BYTES: u64 = 1 << 30;
+/// Between retries of a write that found the cache full and nothing to evict.
+const SPACE_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn round_down(v: u64, a: u64) -> u64 {
     v / a * a
@@ -161,12 +163,17 @@ impl Namespace {
     /// from the DMA buffer when one piece covers the range.
     pub fn read<R>(&self, ino: u64, off: u64, len: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         let size = {
-            let st = self.lock();
-            let n = st.node(ino)?;
+            let mut st = self.lock();
+            let n = st.node_mut(ino)?;
             if n.rec.kind == Kind::Dir {
                 return errno(libc::EISDIR);
             }
-            (n.rec.size, n.blob_clean && self.reader().is_some())
+            let clean = n.blob_clean && self.reader().is_some();
+            if clean {
+                // For eviction's LRU order (a vDSO clock read, no syscall).
+                n.used_ns = now_ns();
+            }
+            (n.rec.size, clean)
         };
         let (size, clean) = size;
         if !clean {
@@ -203,7 +210,27 @@ impl Namespace {
     }
 
     /// Writes `data` at `off`; durable when it returns. `None` data writes zeros.
+    /// Writes `data` at `off`; durable when it returns. A full cache (ENOSPC) with
+    /// cache-on-read evicts clean chunks and retries for up to `space_wait` (uploads
+    /// meanwhile turn dirty files clean, so evictable) before the ENOSPC stands.
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
+        let wait = self.space_wait();
+        let t0 = std::time::Instant::now();
+        // Bounded by `space_wait`.
+        loop {
+            match self.write_once(ino, off, data) {
+                Err(e) if e.errno() == libc::ENOSPC && t0.elapsed() < wait => {
+                    let want = (data.len() as u64).max(self.chunk_size) * 4;
+                    if self.blob_evict(want)? == 0 {
+                        std::thread::sleep(SPACE_RETRY_DELAY.min(wait));
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn write_once(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
         let io = self.io_lock(ino)?;
         let len = data.len() as u64;
         let end = off.saturating_add(len);

@@ -89,6 +89,9 @@ impl BlobReader for FakeStore {
     fn writeback(&self) -> bool {
         true
     }
+    fn space_wait(&self) -> Duration {
+        Duration::from_millis(500)
+    }
 }
 
 fn read_all(ns: &Namespace, ino: u64) -> Vec<u8> {
@@ -252,6 +255,36 @@ fn imports_survive_a_reload_and_fetch_again() {
         store.lists.load(Ordering::Relaxed) > lists,
         "listed again after a reload"
     );
+    drop(ns);
+    shutdown(engine);
+}
+
+#[test]
+fn eviction_drops_clean_chunks_least_recently_read_first_and_never_dirty_ones() {
+    let (engine, ns, store) = setup(60_000);
+    let (a, b) = (data(21, 2 * C), data(22, 2 * C));
+    store.put("a", a.clone());
+    store.put("b", b.clone());
+    let ia = lookup_path(&ns, &["a"]).unwrap();
+    let ib = lookup_path(&ns, &["b"]).unwrap();
+    assert!(read_all(&ns, ia) == a);
+    std::thread::sleep(Duration::from_millis(2));
+    assert!(read_all(&ns, ib) == b);
+    let w = ns.create(ROOT_INO, b"w", &file(0o644)).unwrap().ino;
+    let wd = data(23, 3 * C);
+    ns.write(w, 0, &wd).unwrap();
+    assert_eq!(store.gets.load(Ordering::Relaxed), 4);
+    // The least recently read file goes first, whole.
+    assert_eq!(ns.blob_evict(1).unwrap(), 2 * C as u64);
+    assert_eq!(ns.blob_evictions(), (1, 2 * C as u64));
+    assert!(read_all(&ns, ib) == b);
+    assert_eq!(store.gets.load(Ordering::Relaxed), 4, "b stayed");
+    assert!(read_all(&ns, ia) == a);
+    assert_eq!(store.gets.load(Ordering::Relaxed), 6, "a fetched again");
+    // Everything evictable goes; the dirty file stays, readable with the store down.
+    assert_eq!(ns.blob_evict(u64::MAX).unwrap(), 4 * C as u64);
+    store.down.store(true, Ordering::Relaxed);
+    assert!(read_all(&ns, w) == wd);
     drop(ns);
     shutdown(engine);
 }

@@ -120,6 +120,16 @@ impl StoreReader {
     }
 }
 
+/// Prometheus text for the evictions of the namespace running here.
+pub fn eviction_prometheus(files: u64, bytes: u64) -> String {
+    format!(
+        "# HELP spool_blob_evicted_files_total Files whose clean chunks were evicted.\n\
+         # TYPE spool_blob_evicted_files_total counter\nspool_blob_evicted_files_total {files}\n\
+         # HELP spool_blob_evicted_bytes_total Bytes of clean chunks evicted (whole chunks).\n\
+         # TYPE spool_blob_evicted_bytes_total counter\nspool_blob_evicted_bytes_total {bytes}\n"
+    )
+}
+
 impl BlobReader for StoreReader {
     fn list(&self, dir: &str) -> Result<Listing, String> {
         let prefix = if dir.is_empty() {
@@ -207,5 +217,9 @@ impl BlobReader for StoreReader {
 
     fn writeback(&self) -> bool {
         self.cfg.mode == BlobMode::Writeback
+    }
+
+    fn space_wait(&self) -> Duration {
+        Duration::from_millis(self.cfg.space_wait_ms)
     }
 }

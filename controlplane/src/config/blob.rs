@@ -110,6 +110,18 @@ pub struct BlobConfig {
     /// fails with EIO, 1000..600000 (default 30000).
     #[serde(default = "d_fetch_timeout")]
     pub fetch_timeout_ms: u64,
+    /// Cache use (percent of the device) above which clean chunks (in blob, so
+    /// fetched again on demand) are evicted, least recently used first, down to
+    /// `evict_low_pct`; 1..100 (default 90). Needs `read_through`.
+    #[serde(default = "d_high")]
+    pub evict_high_pct: u8,
+    /// 0..`evict_high_pct` - 1 (default 80).
+    #[serde(default = "d_low")]
+    pub evict_low_pct: u8,
+    /// How long a write that finds the cache full waits for eviction and uploads
+    /// before it fails with ENOSPC, 0..600000 (default 10000).
+    #[serde(default = "d_space_wait")]
+    pub space_wait_ms: u64,
 }
 
 impl BlobBackend {
@@ -155,6 +167,15 @@ fn d_prefetch() -> u32 {
 fn d_fetch_timeout() -> u64 {
     30_000
 }
+fn d_high() -> u8 {
+    90
+}
+fn d_low() -> u8 {
+    80
+}
+fn d_space_wait() -> u64 {
+    10_000
+}
 
 fn range(p: &mut Vec<String>, key: &str, v: u64, min: u64, max: u64) {
     if !(min..=max).contains(&v) {
@@ -191,6 +212,14 @@ impl BlobConfig {
         range(p, "listing_ttl_ms", self.listing_ttl_ms, 0, 86_400_000);
         range(p, "prefetch_chunks", u64::from(self.prefetch_chunks), 0, 64);
         range(p, "fetch_timeout_ms", self.fetch_timeout_ms, 1000, 600_000);
+        range(p, "evict_high_pct", u64::from(self.evict_high_pct), 1, 100);
+        if self.evict_low_pct >= self.evict_high_pct {
+            p.push(format!(
+                "blob.evict_low_pct = {}: must be below blob.evict_high_pct = {}",
+                self.evict_low_pct, self.evict_high_pct
+            ));
+        }
+        range(p, "space_wait_ms", self.space_wait_ms, 0, 600_000);
         let part = self.part_size.0;
         if !(1 << 20..=100 << 20).contains(&part) {
             p.push(format!(

@@ -582,6 +582,10 @@ fn blob_section_defaults_and_round_trip() {
         (b.listing_ttl_ms, b.prefetch_chunks, b.fetch_timeout_ms),
         (10_000, 4, 30_000)
     );
+    assert_eq!(
+        (b.evict_high_pct, b.evict_low_pct, b.space_wait_ms),
+        (90, 80, 10_000)
+    );
     assert_eq!(Config::from_toml_str(&c.to_toml_string()).unwrap(), c);
     let l =
         with("[blob]\nbackend = \"local\"\npath = \"/srv/blob\"\nmode = \"cache-only\"\n").unwrap();
@@ -609,9 +613,13 @@ fn blob_values_are_checked_with_their_keys() {
     assert_has(
         &device(
             "[blob]\nbackend = \"local\"\npath = \"/x\"\nlisting_ttl_ms = 86400001\n\
-             prefetch_chunks = 65\nfetch_timeout_ms = 999\n",
+             prefetch_chunks = 65\nfetch_timeout_ms = 999\nevict_high_pct = 101\n\
+             evict_low_pct = 101\nspace_wait_ms = 600001\n",
         ),
         &[
+            "blob.evict_high_pct = 101: must be between 1 and 100",
+            "blob.evict_low_pct = 101: must be below blob.evict_high_pct = 101",
+            "blob.space_wait_ms = 600001: must be between 0 and 600000",
             "blob.listing_ttl_ms = 86400001: must be between 0 and 86400000",
             "blob.prefetch_chunks = 65: must be between 0 and 64",
             "blob.fetch_timeout_ms = 999: must be between 1000 and 600000",

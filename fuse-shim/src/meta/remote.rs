@@ -93,6 +93,9 @@ pub trait BlobReader: Send + Sync + std::fmt::Debug {
     fn spawn(&self, f: Box<dyn FnOnce() + Send>);
     /// Local removals delete blobs (writeback), or leave the container alone.
     fn writeback(&self) -> bool;
+    /// How long a write that finds the cache full waits for eviction (and uploads
+    /// making dirty files clean, so evictable) before it fails with ENOSPC.
+    fn space_wait(&self) -> Duration;
 }
 
 /// ETags compare without the quotes HTTP headers carry and listings may not.
@@ -116,6 +119,9 @@ pub(crate) struct ReadThrough {
     /// in a row that set it.
     listing_backoff: Mutex<(Option<Instant>, u32)>,
     prefetching: std::sync::atomic::AtomicU32,
+    /// Evictions since start: files and bytes (whole chunks).
+    evicted_files: std::sync::atomic::AtomicU64,
+    evicted_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ReadThrough {
@@ -196,7 +202,15 @@ impl Namespace {
                 fills.insert((ino, index));
                 (s, size)
             };
-            let r = self.fill_chunk(reader.as_ref(), ino, index, &state, size);
+            let mut r = self.fill_chunk(reader.as_ref(), ino, index, &state, size);
+            // A full cache: make room among other clean files, then once more.
+            if r.as_ref().is_err_and(|e| e.errno() == libc::ENOSPC) {
+                if let Ok(freed) = self.blob_evict(self.chunk_size * 8) {
+                    if freed > 0 {
+                        r = self.fill_chunk(reader.as_ref(), ino, index, &state, size);
+                    }
+                }
+            }
             lock(&self.remote.fills).remove(&(ino, index));
             self.remote.fill_done.notify_all();
             return r;
@@ -215,6 +229,9 @@ impl Namespace {
         state: &BlobState,
         size: u64,
     ) -> Result<()> {
+        if let Ok(n) = self.lock().node_mut(ino) {
+            n.used_ns = now_ns();
+        }
         let start = u64::from(index) * self.chunk_size;
         if start >= size {
             return Ok(());
@@ -665,6 +682,86 @@ impl Namespace {
         self.log.wait(lsn)?;
         tracing::info!(ino, etag = %f.etag, size = f.size, "blob changed behind the cache: re-imported");
         Ok(())
+    }
+
+    /// Evicts cached chunks of files that are clean in blob, least recently used
+    /// first, until about `want` bytes are freed; returns the bytes freed. A file's
+    /// chunks go together, under its io lock taken without waiting (a file being
+    /// changed is skipped: it is about to stop being clean), so no change can find a
+    /// chunk missing; a later read fetches them again. Dirty files are never evicted.
+    pub fn blob_evict(&self, want: u64) -> Result<u64> {
+        if self.reader().is_none() || want == 0 {
+            return Ok(0);
+        }
+        let mut candidates: Vec<(i64, u64, u64)> = {
+            let st = self.lock();
+            st.nodes
+                .values()
+                .filter(|n| n.rec.kind == Kind::File && n.blob_clean && n.rec.size > 0)
+                .map(|n| (n.used_ns.max(n.rec.ctime_ns), n.rec.ino, n.rec.size))
+                .collect()
+        };
+        candidates.sort_unstable();
+        let cs = self.chunk_size;
+        let mut freed = 0u64;
+        // Bounded: one pass over the candidates.
+        for (_, ino, size) in candidates {
+            if freed >= want {
+                break;
+            }
+            let Ok(io) = self.io_lock(ino) else { continue };
+            let Ok(_g) = io.try_write() else { continue };
+            if !self.lock().node(ino).is_ok_and(|n| n.blob_clean) {
+                continue;
+            }
+            let chunks: Vec<ChunkId> = (0..size.div_ceil(cs))
+                .map(|i| ChunkId {
+                    inode: ino,
+                    index: i as u32,
+                })
+                .collect();
+            let stats = self.io.run(
+                chunks
+                    .iter()
+                    .map(|&chunk| ChunkOp::Stat { chunk })
+                    .collect(),
+            );
+            let mut present = Vec::new();
+            for (chunk, (info, _)) in chunks.into_iter().zip(stats) {
+                if info?.version != 0 {
+                    present.push(ChunkOp::Delete { chunk });
+                }
+            }
+            if present.is_empty() {
+                continue;
+            }
+            let n = present.len() as u64;
+            for (r, _) in self.io.run(present) {
+                r?;
+            }
+            freed += n * cs;
+            self.remote.evicted_files.fetch_add(1, Ordering::Relaxed);
+            self.remote
+                .evicted_bytes
+                .fetch_add(n * cs, Ordering::Relaxed);
+        }
+        if freed > 0 {
+            tracing::debug!(bytes = freed, "blob: evicted clean chunks");
+        }
+        Ok(freed)
+    }
+
+    /// Evictions since start: (files, bytes).
+    pub fn blob_evictions(&self) -> (u64, u64) {
+        (
+            self.remote.evicted_files.load(Ordering::Relaxed),
+            self.remote.evicted_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// How long a write waits for space (0 without cache-on-read: nothing to evict).
+    pub(crate) fn space_wait(&self) -> Duration {
+        self.reader().map_or(Duration::ZERO, |r| r.space_wait())
     }
 
     /// Files below mount path `path` (a file or a directory, listed as it is walked)

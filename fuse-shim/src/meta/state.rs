@@ -79,6 +79,8 @@ pub struct Node {
     /// When the uploader last recorded a blob for it (a listing begun earlier may
     /// show the blob before that upload: it is not a change behind Spool's back).
     pub blob_marked_ns: i64,
+    /// Last read (cache-on-read: eviction takes the least recently used first).
+    pub used_ns: i64,
 }
 
 impl Node {
@@ -128,6 +130,7 @@ impl State {
                     blob_stale_lsn: 0,
                     blob_flushing: false,
                     blob_marked_ns: 0,
+                    used_ns: 0,
                 });
                 if n.rec.kind != rec.kind {
                     return Err(Error::corrupt(

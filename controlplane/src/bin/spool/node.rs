@@ -278,7 +278,15 @@ impl AdminTarget for Node {
                 v["backlog"] = json!(w.backlog(""));
                 v
             }),
-            "blob_read": self.reader.as_ref().map(|r| r.status()),
+            "blob_read": self.reader.as_ref().map(|r| {
+                let mut v = r.status();
+                if let Some(ns) = self.running_namespace() {
+                    let (files, bytes) = ns.blob_evictions();
+                    v["evicted_files"] = json!(files);
+                    v["evicted_bytes"] = json!(bytes);
+                }
+                v
+            }),
         })
     }
     fn perf_dump(&self) -> Value {
@@ -586,11 +594,17 @@ pub fn serve(config_path: &Path) -> Result<()> {
         let admin_task = tokio::spawn(admin.run(stop_rx.clone()));
         let (blob_stop_tx, blob_stop_rx) = shutdown::channel();
         let blob_task = node.blob.get().map(|w| tokio::spawn(w.clone().run(blob_stop_rx)));
+        let evict_task = cfg.blob.as_ref().filter(|b| b.read_through).map(|b| {
+            let weak = Arc::downgrade(&node);
+            let source: NsSource = Arc::new(move || weak.upgrade()?.running_namespace());
+            tokio::spawn(blob::evict::run(b.clone(), source, Arc::clone(&engine), stop_rx.clone()))
+        });
         let metrics_task = match cfg.metrics.listen {
             Some(addr) => {
                 let perf = Arc::clone(engine.perf());
                 let blob = node.blob.get().cloned();
                 let reader = node.reader.clone();
+                let weak_node = Arc::downgrade(&node);
                 let render = move || {
                     let mut text = perf.snapshot().to_prometheus("spool_");
                     if let Some(w) = &blob {
@@ -598,6 +612,10 @@ pub fn serve(config_path: &Path) -> Result<()> {
                     }
                     if let Some(r) = &reader {
                         text.push_str(&r.prometheus());
+                        if let Some(ns) = weak_node.upgrade().and_then(|n| n.running_namespace()) {
+                            let (files, bytes) = ns.blob_evictions();
+                            text.push_str(&blob::reader::eviction_prometheus(files, bytes));
+                        }
                     }
                     text
                 };
@@ -636,6 +654,11 @@ pub fn serve(config_path: &Path) -> Result<()> {
             a.leave().await;
         }
         stop_tx.send_replace(true);
+        if let Some(t) = evict_task {
+            if let Err(e) = t.await {
+                tracing::warn!(error = %e, "blob evictor task");
+            }
+        }
         if let Err(e) = admin_task.await {
             tracing::warn!(error = %e, "admin server task");
         }
