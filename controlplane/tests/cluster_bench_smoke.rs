@@ -93,8 +93,17 @@ fn blob_bench_runs_end_to_end() {
             "spool: durable in cache",
             "spool: durable in blob",
             "rclone vfs writes: in blob",
+            "Azure SDK (Python) direct download",
+            "spool: cold read (cache-on-read from blob)",
+            "spool: warm read (from the cache)",
             "checked against the source files",
         ],
+    );
+    // The cold read fetched each 4 MiB chunk of the two 3 MiB files once.
+    assert!(
+        text.contains("2 GETs"),
+        "cold read GETs:
+{text}"
     );
     // Every byte written was sent once, in 3 blocks + 1 commit per file.
     assert!(
@@ -102,5 +111,5 @@ fn blob_bench_runs_end_to_end() {
         "requests:\n{text}"
     );
     let csv = std::fs::read_to_string(csv).expect("csv written");
-    assert_eq!(csv.lines().count(), 1 + 7, "header and seven rows:\n{csv}");
+    assert_eq!(csv.lines().count(), 1 + 10, "header and ten rows:\n{csv}");
 }

@@ -174,8 +174,9 @@ impl ClusterNs {
         };
         let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
         if head != self.me {
-            if owned.take().is_some() {
+            if let Some(o) = owned.take() {
                 tracing::warn!(owner = head, "the namespace moved to another node");
+                o.ns.retire("the namespace moved to another node");
             }
             let Some(addr) = t.nodes.get(&head).and_then(|n| n.addr.parse().ok()) else {
                 return Ok(None);
@@ -201,7 +202,12 @@ impl ClusterNs {
                 }
                 return Ok(Some(Route::Local(Arc::clone(&o.ns), o.chain_ver, o.epoch)));
             }
-            *owned = None;
+            // Threads still on the old copy must not append once the new one loads
+            // (same chain version after an incarnation change: its writes would
+            // pass the fence and land over the new copy's).
+            if let Some(o) = owned.take() {
+                o.ns.retire("this node reloads the namespace");
+            }
         }
         // Take ownership: replay the replicated log (other callers wait on the lock).
         let t0 = Instant::now();

@@ -373,6 +373,22 @@ impl MetaLog {
         Ok(i.next_lsn)
     }
 
+    /// Stops this copy of the log for good: nothing is appended or written after
+    /// this returns (a batch being written finishes first). Another load of the same
+    /// namespace (a cluster takeover) may write it from then on; two copies appending
+    /// at once would overwrite each other's batches.
+    pub fn retire(&self, why: &str) {
+        let mut i = lock(&self.inner);
+        if i.failed.is_none() {
+            i.failed = Some(format!("retired: {why}"));
+        }
+        // Bounded: each wait ends with the batch or checkpoint in flight.
+        while i.writing {
+            i = self.cond.wait(i).unwrap_or_else(|p| p.into_inner());
+        }
+        self.cond.notify_all();
+    }
+
     /// Waits until every record queued so far is durable.
     pub fn wait_all(&self) -> Result<()> {
         let lsn = lock(&self.inner).next_lsn;

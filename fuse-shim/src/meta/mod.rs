@@ -209,6 +209,13 @@ impl Namespace {
         Ok(())
     }
 
+    /// This copy stops writing its log (see `MetaLog::retire`): in a cluster, before
+    /// another copy of the namespace is loaded on this node, or when it moves away.
+    /// Calls still running on it fail instead of appending.
+    pub fn retire(&self, why: &str) {
+        self.log.retire(why);
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
