@@ -331,3 +331,51 @@ fn writeback_to_s3_mirrors_files_renames_and_unlinks_checked_with_boto3() {
     let s = status_json(&n);
     assert_eq!(s["blob"]["requests"]["put_block_list"], 2, "{s}");
 }
+
+fn set_mode(dir: &Path, mode: &str) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    spool_ffi::posix::setxattr(&c, c"user.spool.mode", mode.as_bytes(), 0)
+}
+
+#[test]
+fn a_directory_in_cache_only_mode_is_never_uploaded() {
+    let az = Azurite::start();
+    az.az(CONTAINER, &["create"]);
+    let n = node(&az, 100, "");
+    let m = &n.mountpoint;
+    std::fs::create_dir_all(m.join("scratch/keep")).unwrap();
+    set_mode(&m.join("scratch"), "cache-only").unwrap();
+    // The nearest directory wins: a writeback directory below a cache-only one.
+    set_mode(&m.join("scratch/keep"), "writeback").unwrap();
+    // Only directories, only the two modes.
+    std::fs::write(m.join("f"), b"f").unwrap();
+    let e = set_mode(&m.join("f"), "cache-only").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+    let e = set_mode(&m.join("scratch"), "sometimes").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+    let (a, b, c) = (pattern(71, 3000), pattern(72, 4000), pattern(73, 5000));
+    std::fs::write(m.join("scratch/tmp.bin"), &a).unwrap();
+    std::fs::write(m.join("scratch/keep/out.bin"), &b).unwrap();
+    std::fs::write(m.join("top.bin"), &c).unwrap();
+    flush_wait(&n);
+    assert_container(
+        &az,
+        &[("f", b"f"), ("scratch/keep/out.bin", &b), ("top.bin", &c)],
+    );
+    let s = status_json(&n);
+    assert_eq!(s["blob"]["backlog"]["cache_only_files"], 1, "{s}");
+    assert_eq!(s["blob"]["backlog"]["dirty_files"], 0, "{s}");
+    // Back to writeback: the file drains.
+    set_mode(&m.join("scratch"), "writeback").unwrap();
+    flush_wait(&n);
+    assert_container(
+        &az,
+        &[
+            ("f", b"f"),
+            ("scratch/keep/out.bin", &b),
+            ("scratch/tmp.bin", &a),
+            ("top.bin", &c),
+        ],
+    );
+}

@@ -62,6 +62,9 @@ pub struct Backlog {
     /// Files whose name cannot be a blob key (not UTF-8, or a segment the store
     /// rejects): they stay in the cache only.
     pub unkeyable_files: u64,
+    /// Changed files under a directory in `cache-only` mode (`user.spool.mode`):
+    /// never uploaded, not counted as dirty.
+    pub cache_only_files: u64,
     pub oldest_dirty_age_ms: u64,
     pub tombstones: u64,
 }
@@ -374,7 +377,7 @@ impl Writeback {
             let t = Instant::now();
             scan.files
                 .iter()
-                .filter(|f| f.is_dirty() && !f.writing && !f.flushing)
+                .filter(|f| f.is_dirty() && !f.writing && !f.flushing && !f.cache_only)
                 .filter(|f| f.path.as_deref().is_some_and(|p| self.key(p).is_ok()))
                 .filter(|f| retry.get(&f.ino).is_none_or(|r| r.next <= t))
                 .filter(|f| {
@@ -390,6 +393,7 @@ impl Writeback {
         lock(&self.inner.urgent).retain(|u| {
             scan.files.iter().any(|f| {
                 f.is_dirty()
+                    && !f.cache_only
                     && f.path
                         .as_deref()
                         .is_some_and(|p| under(p, u) && self.key(p).is_ok())
@@ -572,6 +576,10 @@ fn summarize<'a>(
     let now = now_ns();
     let mut b = Backlog::default();
     for f in files.filter(|f| f.is_dirty()) {
+        if f.cache_only {
+            b.cache_only_files += 1;
+            continue;
+        }
         b.dirty_files += 1;
         b.dirty_bytes += f.size;
         b.writing_files += u64::from(f.writing);

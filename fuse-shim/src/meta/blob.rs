@@ -35,6 +35,9 @@ pub const GONE_PREFIX: &[u8] = b"spool.gone.";
 pub const INTERNAL_PREFIX: &[u8] = b"spool.";
 /// The read-only state view.
 pub const STATE_XATTR: &[u8] = b"user.spool.state";
+/// A directory's mode for the files below it (`writeback` or `cache-only`),
+/// overriding the mount's; the nearest directory that sets it wins.
+pub const MODE_XATTR: &[u8] = b"user.spool.mode";
 /// A blob state whose file changed after the upload: never equals a real ctime.
 const CTIME_STALE: i64 = i64::MIN;
 
@@ -72,6 +75,9 @@ pub struct BlobFile {
     pub flushing: bool,
     /// The last upload, if any.
     pub uploaded: Option<BlobState>,
+    /// A directory above it says `user.spool.mode = cache-only` (nearest wins): it is
+    /// never uploaded.
+    pub cache_only: bool,
 }
 
 impl BlobFile {
@@ -202,7 +208,18 @@ impl Namespace {
         let st = self.lock();
         let mut out = BlobScan::default();
         let mut seen = rustc_hash::FxHashSet::default();
-        let mut dirs: Vec<(u64, String)> = vec![(ROOT_INO, String::new())];
+        let mode_of = |ino: u64, inherited: bool| match st
+            .nodes
+            .get(&ino)
+            .and_then(|n| n.xattrs.get(MODE_XATTR))
+            .map(Vec::as_slice)
+        {
+            Some(b"cache-only") => true,
+            Some(b"writeback") => false,
+            _ => inherited,
+        };
+        let mut dirs: Vec<(u64, String, bool)> =
+            vec![(ROOT_INO, String::new(), mode_of(ROOT_INO, false))];
         let mut i = 0;
         while i < dirs.len() {
             // Bounded: every directory is pushed at most once (one parent each).
@@ -210,7 +227,7 @@ impl Namespace {
                 dirs.len() <= st.nodes.len(),
                 "directory walk exceeds inode count"
             );
-            let (dir, prefix) = dirs[i].clone();
+            let (dir, prefix, cache_only) = dirs[i].clone();
             i += 1;
             let Some(d) = st.nodes.get(&dir).and_then(|n| n.dir.as_ref()) else {
                 continue;
@@ -226,7 +243,7 @@ impl Namespace {
                 match n.rec.kind {
                     Kind::Dir => {
                         if let Some(p) = path {
-                            dirs.push((ino, format!("{p}/")));
+                            dirs.push((ino, format!("{p}/"), mode_of(ino, cache_only)));
                         } else {
                             tracing::warn!(
                                 dir = ino,
@@ -242,6 +259,7 @@ impl Namespace {
                         writing: n.written_unsynced,
                         flushing: n.blob_flushing,
                         uploaded: n.xattrs.get(BLOB_XATTR).and_then(|v| BlobState::decode(v)),
+                        cache_only,
                     }),
                     _ => {}
                 }
@@ -344,5 +362,19 @@ impl Namespace {
             return errno(libc::EPERM);
         }
         Ok(())
+    }
+
+    /// `user.spool.mode` goes on directories only, with a mode's name.
+    pub(crate) fn xattr_check_value(st: &State, ino: u64, name: &[u8], value: &[u8]) -> Result<()> {
+        if name != MODE_XATTR {
+            return Ok(());
+        }
+        if st.node(ino)?.rec.kind != Kind::Dir {
+            return errno(libc::EINVAL);
+        }
+        match value {
+            b"writeback" | b"cache-only" => Ok(()),
+            _ => errno(libc::EINVAL),
+        }
     }
 }

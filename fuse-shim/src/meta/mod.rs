@@ -811,6 +811,7 @@ impl Namespace {
         }
         Self::xattr_reserved(name)?;
         let st = self.lock();
+        Self::xattr_check_value(&st, ino, name, value)?;
         let n = st.node(ino)?;
         let exists = n.xattrs.contains_key(name);
         if flags & libc::XATTR_CREATE != 0 && exists {
