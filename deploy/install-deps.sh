@@ -27,8 +27,9 @@ SPOOL_PKGS_BUILD=(build-essential pkg-config libhwloc-dev clang libclang-dev lib
 SPOOL_PKGS_TEST=(fuse3 util-linux iproute2 jq python3)
 
 # Benchmarks compare Spool to fio on the same device in the same run, and the blob tier
-# to rclone's VFS cache mount (spool bench blob).
-SPOOL_PKGS_BENCH=(fio rclone)
+# to rclone's VFS cache mount (spool bench blob); rsvg-convert turns spool bench all's
+# plot into a PNG.
+SPOOL_PKGS_BENCH=(fio rclone librsvg2-bin)
 
 # The quickstart scrapes the Prometheus endpoint with curl.
 SPOOL_PKGS_QUICKSTART=(curl ca-certificates)

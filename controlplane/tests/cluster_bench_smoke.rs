@@ -113,3 +113,47 @@ fn blob_bench_runs_end_to_end() {
     let csv = std::fs::read_to_string(csv).expect("csv written");
     assert_eq!(csv.lines().count(), 1 + 10, "header and ten rows:\n{csv}");
 }
+
+#[test]
+fn all_bench_runs_every_scenario_into_one_table_and_plot() {
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let d = dir.path().join("b");
+    // cluster and checkpoint have their own smoke runs (above and in cluster tests).
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args([
+            "bench",
+            "all",
+            "--quick",
+            "--skip",
+            "cluster,checkpoint",
+            "--dir",
+        ])
+        .arg(&d)
+        .output()
+        .expect("run spool bench all");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "spool bench all failed:\n{text}");
+    let csv = std::fs::read_to_string(d.join("bench.csv")).expect("combined csv");
+    for (scenario, row) in [
+        ("device", "spool write"),
+        ("fuse", "mount write"),
+        ("blob", "spool: cold read (cache-on-read from blob)"),
+        ("scale", "create, follower's mount"),
+    ] {
+        assert!(
+            csv.lines()
+                .any(|l| l.starts_with(&format!("{scenario:?},{row:?},"))),
+            "no {scenario}/{row} row in:\n{csv}"
+        );
+    }
+    assert!(
+        !csv.contains("\"cluster\","),
+        "a skipped scenario ran:\n{csv}"
+    );
+    let svg = std::fs::read_to_string(d.join("bench.svg")).expect("svg plot");
+    assert!(svg.contains("device: spool write"), "{svg}");
+    // deploy/install-deps.sh installs rsvg-convert (librsvg2-bin) with the bench tools.
+    let png = std::fs::read(d.join("bench.png")).expect("png plot");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "a PNG file");
+}

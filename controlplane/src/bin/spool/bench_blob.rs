@@ -238,7 +238,10 @@ fn run_spool(b: &BlobBench, az: &azurite::Azurite, src: &Path) -> Result<(f64, f
     let mut last = Value::Null;
     wait_for("spool upload", Duration::from_secs(3600), || {
         last = node.ask(json!({"cmd": "blob status"}))?;
-        Ok(last["backlog"]["dirty_files"].as_u64() == Some(0))
+        // The counters move just after the namespace records the upload: wait for
+        // both, so the bytes-per-byte row counts every file.
+        Ok(last["backlog"]["dirty_files"].as_u64() == Some(0)
+            && last["files_uploaded"].as_u64() >= Some(b.files as u64))
     })?;
     let t_blob = t_cache + t0.elapsed().as_secs_f64();
     Ok((t_cache, t_blob, last))

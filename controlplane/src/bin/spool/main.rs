@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_all;
 mod bench_blob;
 mod bench_checkpoint;
 mod bench_cluster;
@@ -172,8 +173,12 @@ enum BenchCmd {
     Scale(bench_scale::ScaleBench),
     /// A checkpoint through a mount with a [blob] store vs a direct upload with the
     /// Azure SDK and vs `rclone mount --vfs-cache-mode writes`, on one Azurite: time
-    /// until durable in the cache and in blob, requests and bytes sent per byte written.
+    /// until durable in the cache and in blob, requests and bytes sent per byte
+    /// written; then read back cold (cache-on-read) and warm vs an SDK download.
     Blob(bench_blob::BlobBench),
+    /// Every scenario above in one run, then one table of every row with its ratio to
+    /// its limit or peer, the CPU time and the machine, as CSV and a plot (PNG).
+    All(bench_all::AllBench),
     /// One rank of `spool bench checkpoint` (run by it).
     #[command(hide = true)]
     CheckpointRank(bench_checkpoint::RankArgs),
@@ -315,6 +320,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             cmd: BenchCmd::Blob(b),
         } => bench_blob::run(&b),
+        Cmd::Bench {
+            cmd: BenchCmd::All(b),
+        } => bench_all::run(&b),
         Cmd::Bench {
             cmd: BenchCmd::CheckpointRank(a),
         } => bench_checkpoint::rank(&a),
