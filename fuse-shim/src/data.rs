@@ -397,26 +397,10 @@ impl Namespace {
         let first_chunk = size / cs;
         let keep_in_first = round_up(size % cs, BLOCK) as u32;
         let last_chunk = alloc_end.max(size).div_ceil(cs);
-        // Which chunks exist: all Stats at once (pipelined; this runs for every file
-        // at recovery).
-        let chunks: Vec<ChunkId> = (first_chunk..last_chunk.max(first_chunk + 1))
-            .map(|c| ChunkId {
-                inode: ino,
-                index: c as u32,
-            })
-            .collect();
-        let stats = self.io.run(
-            chunks
-                .iter()
-                .map(|&chunk| ChunkOp::Stat { chunk })
-                .collect(),
-        );
         let mut ops = Vec::new();
-        for (chunk, (info, _)) in chunks.into_iter().zip(stats) {
-            let info = info?;
-            if info.version == 0 {
-                continue;
-            }
+        for (chunk, info) in
+            self.chunks_present(ino, first_chunk..last_chunk.max(first_chunk + 1))?
+        {
             if u64::from(chunk.index) == first_chunk && keep_in_first > 0 {
                 if info.len > keep_in_first {
                     ops.push(ChunkOp::Truncate {
@@ -432,6 +416,50 @@ impl Namespace {
             r?;
         }
         Ok(())
+    }
+
+    /// The chunks of `ino` with indexes in `range` that exist, with their committed
+    /// length and version: all Stats at once (pipelined; this runs for every file at
+    /// recovery).
+    pub(crate) fn chunks_present(
+        &self,
+        ino: u64,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<(ChunkId, spool_dataplane::store::ChunkInfo)>> {
+        let chunks: Vec<ChunkId> = range
+            .map(|c| ChunkId {
+                inode: ino,
+                index: c as u32,
+            })
+            .collect();
+        let stats = self.io.run(
+            chunks
+                .iter()
+                .map(|&chunk| ChunkOp::Stat { chunk })
+                .collect(),
+        );
+        let mut out = Vec::new();
+        for (chunk, (info, _)) in chunks.into_iter().zip(stats) {
+            let info = info?;
+            if info.version != 0 {
+                out.push((chunk, info));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the chunks of `ino` that cover `[0, end)`; returns how many existed.
+    pub(crate) fn delete_chunks(&self, ino: u64, end: u64) -> Result<u64> {
+        let present = self.chunks_present(ino, 0..end.div_ceil(self.chunk_size))?;
+        let n = present.len() as u64;
+        let ops = present
+            .into_iter()
+            .map(|(chunk, _)| ChunkOp::Delete { chunk })
+            .collect();
+        for (r, _) in self.io.run(ops) {
+            r?;
+        }
+        Ok(n)
     }
 
     /// truncate / ftruncate.

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use spool_dataplane::store::{ChunkId, ChunkOp};
 
 use self::log::MetaLog;
 use self::record::{
@@ -746,19 +745,7 @@ impl Namespace {
             let Ok(n) = st.node(ino) else { return Ok(()) };
             (n.rec.alloc_end, n.rec.size)
         };
-        let end = alloc_end.max(size);
-        let chunks = end.div_ceil(self.chunk_size);
-        let ops: Vec<ChunkOp> = (0..chunks)
-            .map(|c| ChunkOp::Delete {
-                chunk: ChunkId {
-                    inode: ino,
-                    index: c as u32,
-                },
-            })
-            .collect();
-        for (r, _) in self.io.run(ops) {
-            r?;
-        }
+        self.delete_chunks(ino, alloc_end.max(size))?;
         let st = self.lock();
         self.commit(st, vec![Record::InodeDel { ino }])
     }

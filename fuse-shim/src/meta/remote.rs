@@ -637,17 +637,7 @@ impl Namespace {
             n.rec.size.max(n.rec.alloc_end)
         };
         self.blob_quiesce(ino);
-        let ops = (0..old_end.div_ceil(self.chunk_size))
-            .map(|i| ChunkOp::Delete {
-                chunk: ChunkId {
-                    inode: ino,
-                    index: i as u32,
-                },
-            })
-            .collect();
-        for (r, _) in self.io.run(ops) {
-            r?;
-        }
+        self.delete_chunks(ino, old_end)?;
         let mut st = self.lock();
         let n = st.node_mut(ino)?;
         let t = now_ns();
@@ -714,30 +704,9 @@ impl Namespace {
             if !self.lock().node(ino).is_ok_and(|n| n.blob_clean) {
                 continue;
             }
-            let chunks: Vec<ChunkId> = (0..size.div_ceil(cs))
-                .map(|i| ChunkId {
-                    inode: ino,
-                    index: i as u32,
-                })
-                .collect();
-            let stats = self.io.run(
-                chunks
-                    .iter()
-                    .map(|&chunk| ChunkOp::Stat { chunk })
-                    .collect(),
-            );
-            let mut present = Vec::new();
-            for (chunk, (info, _)) in chunks.into_iter().zip(stats) {
-                if info?.version != 0 {
-                    present.push(ChunkOp::Delete { chunk });
-                }
-            }
-            if present.is_empty() {
+            let n = self.delete_chunks(ino, size)?;
+            if n == 0 {
                 continue;
-            }
-            let n = present.len() as u64;
-            for (r, _) in self.io.run(present) {
-                r?;
             }
             freed += n * cs;
             self.remote.evicted_files.fetch_add(1, Ordering::Relaxed);
