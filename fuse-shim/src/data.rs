@@ -214,15 +214,21 @@ impl Namespace {
     /// cache-on-read evicts clean chunks and retries for up to `space_wait` (uploads
     /// meanwhile turn dirty files clean, so evictable) before the ENOSPC stands.
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
-        let wait = self.space_wait();
-        let t0 = std::time::Instant::now();
+        // The clock is read only once the device is full (not per write).
+        let mut full_since: Option<std::time::Instant> = None;
         // Bounded by `space_wait`.
         loop {
             match self.write_once(ino, off, data) {
-                Err(e) if e.errno() == libc::ENOSPC && t0.elapsed() < wait => {
+                Err(e)
+                    if e.errno() == libc::ENOSPC
+                        && full_since
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed()
+                            < self.space_wait() =>
+                {
                     let want = (data.len() as u64).max(self.chunk_size) * 4;
                     if self.blob_evict(want)? == 0 {
-                        std::thread::sleep(SPACE_RETRY_DELAY.min(wait));
+                        std::thread::sleep(SPACE_RETRY_DELAY.min(self.space_wait()));
                     }
                 }
                 r => return r,
