@@ -44,8 +44,10 @@ struct Combined {
     what: String,
     value: f64,
     unit: String,
-    /// To its limit or peer (higher is better for throughput rows, lower for times).
+    /// To its limit or peer.
     ratio: Option<f64>,
+    /// The ratio compares times (lower is better), not rates.
+    ratio_of_times: bool,
     note: String,
 }
 
@@ -112,8 +114,9 @@ fn split_csv(line: &str) -> Vec<String> {
     out
 }
 
-/// The first `0.84x`-style ratio in a note.
-fn ratio_in(note: &str) -> Option<f64> {
+/// The first `0.84x`-style ratio in a note, and whether it compares times (the notes
+/// say so: "0.84x the SDK's time"); otherwise it compares rates.
+fn ratio_in(note: &str) -> Option<(f64, bool)> {
     let b = note.as_bytes();
     (0..b.len()).find_map(|i| {
         let start = i == 0 || !(b[i - 1].is_ascii_digit() || b[i - 1] == b'.');
@@ -121,9 +124,13 @@ fn ratio_in(note: &str) -> Option<f64> {
             .iter()
             .take_while(|c| c.is_ascii_digit() || **c == b'.')
             .count();
-        (start && len > 0 && b.get(i + len) == Some(&b'x'))
-            .then(|| note[i..i + len].parse().ok())
-            .flatten()
+        if !(start && len > 0 && b.get(i + len) == Some(&b'x')) {
+            return None;
+        }
+        let v = note[i..i + len].parse().ok()?;
+        let rest = &note[i + len + 1..];
+        let phrase = rest.split([';', ',', ')']).next().unwrap_or("");
+        Some((v, phrase.contains("time")))
     })
 }
 
@@ -150,12 +157,17 @@ fn read_rows(scenario: &'static str, text: &str) -> Vec<Combined> {
         .filter_map(|f| {
             let get = |i: Option<usize>| i.and_then(|i| f.get(i)).cloned().unwrap_or_default();
             let note = get(note);
+            let (ratio, ratio_of_times) = match get(ratio).parse::<f64>() {
+                Ok(v) => (Some(v), false),
+                Err(_) => ratio_in(&note).map_or((None, false), |(v, t)| (Some(v), t)),
+            };
             Some(Combined {
                 scenario,
                 what: get(what),
                 value: get(value).parse().ok()?,
                 unit: unit.map_or("GB/s".to_owned(), |_| get(unit)),
-                ratio: get(ratio).parse().ok().or_else(|| ratio_in(&note)),
+                ratio,
+                ratio_of_times,
                 note,
             })
         })
@@ -204,7 +216,7 @@ fn svg(rows: &[&Combined], title: &str) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14">{t}</text><text x="10" y="38" fill="#555">ratio to the row's limit or peer (lines at 0.9 and 1.0): blue, a rate (higher is better); orange, a time (lower is better)</text>"##,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14">{t}</text><text x="10" y="38" fill="#555">ratio to the row's limit or peer (lines at 0.9 and 1.0): blue, of rates (higher is better); orange, of times (lower is better)</text>"##,
         w = label_w + bar_w + 80.0,
         t = escape(title)
     );
@@ -221,7 +233,11 @@ fn svg(rows: &[&Combined], title: &str) -> String {
             bw = x(v) - label_w,
             bh = row_h - 6.0,
             tx = x(v) + 4.0,
-            fill = if r.unit == "s" { "#d98c2b" } else { "#4a7ab7" },
+            fill = if r.ratio_of_times {
+                "#d98c2b"
+            } else {
+                "#4a7ab7"
+            },
         );
     }
     for (v, dash) in [(0.9, "4,3"), (1.0, "")] {
@@ -290,13 +306,15 @@ pub fn run(b: &AllBench) -> Result<()> {
 
     println!("\n== spool bench all on {host}");
     println!(
-        "{:<11} {:<46} {:>10} {:<6} {:>7}",
+        "{:<11} {:<46} {:>10} {:<6} {:>12}",
         "scenario", "what", "value", "", "ratio"
     );
     for r in &rows {
-        let ratio = r.ratio.map_or(String::new(), |v| format!("{v:.2}x"));
+        let ratio = r.ratio.map_or(String::new(), |v| {
+            format!("{v:.2}x {}", if r.ratio_of_times { "time" } else { "rate" })
+        });
         println!(
-            "{:<11} {:<46} {:>10.3} {:<6} {:>7}",
+            "{:<11} {:<46} {:>10.3} {:<6} {:>12}",
             r.scenario, r.what, r.value, r.unit, ratio
         );
     }
@@ -306,7 +324,7 @@ pub fn run(b: &AllBench) -> Result<()> {
     }
     let csv = b.csv.clone().unwrap_or_else(|| b.dir.join("bench.csv"));
     let mut out = String::from(
-        "scenario,what,value,unit,ratio,note,scenario_cpu_s,scenario_wall_s,machine\n",
+        "scenario,what,value,unit,ratio,ratio_of,note,scenario_cpu_s,scenario_wall_s,machine\n",
     );
     for r in &rows {
         let (_, secs, cpu, _) = summary
@@ -316,12 +334,17 @@ pub fn run(b: &AllBench) -> Result<()> {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:?},{:?},{},{:?},{},{:?},{cpu:.1},{secs:.1},{host:?}",
+            "{:?},{:?},{},{:?},{},{},{:?},{cpu:.1},{secs:.1},{host:?}",
             r.scenario,
             r.what,
             r.value,
             r.unit,
             r.ratio.map_or(String::new(), |v| format!("{v:.3}")),
+            match (r.ratio, r.ratio_of_times) {
+                (None, _) => "",
+                (Some(_), true) => "times",
+                (Some(_), false) => "rates",
+            },
             r.note,
         );
     }
@@ -370,10 +393,20 @@ mod tests {
 
     #[test]
     fn ratios_are_found_in_notes() {
-        assert_eq!(ratio_in("0.05 GB/s; 1.02x the SDK's time"), Some(1.02));
-        assert_eq!(ratio_in("0.97x min(iperf3, fio/R = 90)"), Some(0.97));
+        assert_eq!(
+            ratio_in("0.05 GB/s; 1.02x the SDK's time"),
+            Some((1.02, true))
+        );
+        assert_eq!(
+            ratio_in("0.97x min(iperf3, fio/R = 90)"),
+            Some((0.97, false))
+        );
+        assert_eq!(
+            ratio_in("0.37 GB/s (0.64x local), R=2, a time"),
+            Some((0.64, false))
+        );
         assert_eq!(ratio_in("6291456 bytes written"), None);
-        assert_eq!(ratio_in("x 3x"), Some(3.0));
+        assert_eq!(ratio_in("x 3x"), Some((3.0, false)));
     }
 
     #[test]
@@ -381,7 +414,10 @@ mod tests {
         let generic = "what,value,unit,note\n\"spool: warm read\",1.1,s,\"0.99 GB/s; 0.11x the SDK's time\"\n";
         let r = read_rows("blob", generic);
         assert_eq!(r.len(), 1);
-        assert_eq!((r[0].value, r[0].ratio), (1.1, Some(0.11)));
+        assert_eq!(
+            (r[0].value, r[0].ratio, r[0].ratio_of_times),
+            (1.1, Some(0.11), true)
+        );
         let device = "scenario,bytes,median_gb_per_s,min_gb_per_s,max_gb_per_s,cpu_s_per_gib,ratio_vs_fio\nspool write,1,2.9,2.5,3.1,0.148,0.72\n";
         let r = read_rows("device", device);
         assert_eq!(
