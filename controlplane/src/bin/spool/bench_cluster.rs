@@ -172,6 +172,7 @@ impl Lab {
             r,
             tag,
             mount,
+            None,
         )
     }
 }
@@ -281,6 +282,26 @@ impl Nodes<'_> {
         true
     }
 
+    /// Node `victim` is gone from every chain, every chain has its replicas again,
+    /// and every other node serves that table with all its targets serving.
+    fn restored(&self, victim: usize) -> bool {
+        let Ok(t) = self.table() else { return false };
+        let lost = victim as u32 + 1;
+        let full = t.chains.iter().all(|c| {
+            c.targets.len() >= usize::from(t.replication)
+                && c.targets.iter().all(|x| x.node != lost)
+        });
+        full && (0..self.children.len()).filter(|&i| i != victim).all(|i| {
+            self.status(i).is_some_and(|s| {
+                let tb = &s["cluster"]["table"];
+                tb["version"].as_u64() == Some(t.version)
+                    && tb["target_states"]
+                        .as_object()
+                        .is_some_and(|m| m.keys().all(|k| k == "serving"))
+            })
+        })
+    }
+
     fn wait_serving(&self, timeout: Duration) -> Result<Duration> {
         let t0 = Instant::now();
         while !self.all_serving() {
@@ -330,6 +351,7 @@ fn start_nodes<'a>(
     r: u8,
     tag: &str,
     mount: bool,
+    lost_after_s: Option<u32>,
 ) -> Result<Nodes<'a>> {
     let dir = b.dir.join(tag);
     let _ = std::fs::remove_dir_all(&dir);
@@ -370,6 +392,7 @@ name = "{name}"
 key_file = "{key}"
 replication = {r}
 initial_nodes = {n}
+{lost}
 {mount}"#,
             id = i + 1,
             dev = nd.join("device.img").display(),
@@ -378,6 +401,7 @@ initial_nodes = {n}
             key = dir.join("cluster.key").display(),
             n = b.nodes,
             spin = b.idle_spin_us,
+            lost = lost_after_s.map_or(String::new(), |s| format!("node_lost_after_s = {s}")),
             mount = match mount {
                 true => format!(
                     "[mount]\nmountpoint = \"{}\"\nthreads = 8\ndirect_io = {}\nwriteback_cache = {}\n",
@@ -568,18 +592,19 @@ fn failover(nodes: &mut Nodes<'_>, data: &[u8]) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
-/// With the victim down, writes `bytes` to its chains, restarts it and times the
-/// resync; returns (MB/s, bytes sent).
-fn resync(nodes: &mut Nodes<'_>, bytes: u64, data: &[u8]) -> Result<(f64, u64, f64)> {
-    let victim = nodes.children.len() - 1;
+/// Writes `bytes` of file `inode` to chunks whose chain includes node index
+/// `victim`, through each chunk's chain head.
+fn write_to_chains_of(
+    nodes: &Nodes<'_>,
+    victim: usize,
+    inode: u64,
+    bytes: u64,
+    data: &[u8],
+) -> Result<()> {
     let t = nodes.table()?;
     let n = bytes.div_ceil(CHUNK) as usize;
-    // Chunks whose chain includes the victim (now offline there).
     let chunks: Vec<ChunkId> = (0..u32::MAX)
-        .map(|index| ChunkId {
-            inode: 9_100_000,
-            index,
-        })
+        .map(|index| ChunkId { inode, index })
         .filter(|c| {
             t.chain(t.chain_of(c))
                 .is_some_and(|ch| ch.targets.iter().any(|x| x.node == victim as u32 + 1))
@@ -595,6 +620,15 @@ fn resync(nodes: &mut Nodes<'_>, bytes: u64, data: &[u8]) -> Result<(f64, u64, f
     for (head, cs) in &by_head {
         writer(nodes.addr(*head as usize - 1), &nodes.key, cs, 4, data)?;
     }
+    Ok(())
+}
+
+/// With the victim down, writes `bytes` to its chains, restarts it and times the
+/// resync; returns (MB/s, bytes sent).
+fn resync(nodes: &mut Nodes<'_>, bytes: u64, data: &[u8]) -> Result<(f64, u64, f64)> {
+    let victim = nodes.children.len() - 1;
+    // Chunks whose chain includes the victim (now offline there).
+    write_to_chains_of(nodes, victim, 9_100_000, bytes, data)?;
     let before: u64 = (0..victim)
         .map(|i| nodes.counter(i, "sync_bytes_sent"))
         .sum();
@@ -607,6 +641,38 @@ fn resync(nodes: &mut Nodes<'_>, bytes: u64, data: &[u8]) -> Result<(f64, u64, f
         .sum::<u64>()
         - before;
     Ok((sent as f64 / secs / 1e6, sent, secs))
+}
+
+/// `node_lost_after_s` of the restore measurement: a lost node's chains are refilled
+/// this long after it went down (the default is an hour, for maintenance restarts).
+const RESTORE_LOST_AFTER_S: u32 = 5;
+
+/// Writes `bytes` to chains that include the victim, kills it, and times until its
+/// chains have their replicas again on the other nodes; returns (seconds, bytes
+/// re-replicated).
+fn restore(nodes: &mut Nodes<'_>, bytes: u64, data: &[u8]) -> Result<(f64, u64)> {
+    let victim = nodes.children.len() - 1;
+    write_to_chains_of(nodes, victim, 9_200_000, bytes, data)?;
+    let before: u64 = (0..victim)
+        .map(|i| nodes.counter(i, "sync_bytes_sent"))
+        .sum();
+    nodes.kill(victim);
+    let t0 = Instant::now();
+    while !nodes.restored(victim) {
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "chains not restored within 600 s; logs in {}",
+                nodes.dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let sent: u64 = (0..victim)
+        .map(|i| nodes.counter(i, "sync_bytes_sent"))
+        .sum::<u64>()
+        - before;
+    Ok((secs, sent))
 }
 
 pub fn run(b: &ClusterBench) -> Result<()> {
@@ -650,7 +716,7 @@ pub fn run(b: &ClusterBench) -> Result<()> {
 
     for &r in &b.replication {
         eprintln!("R = {r}: starting {} nodes ...", b.nodes);
-        let nodes = start_nodes(b, &net, &etcd.url(), &rt, r, &format!("r{r}"), false)?;
+        let nodes = start_nodes(b, &net, &etcd.url(), &rt, r, &format!("r{r}"), false, None)?;
         eprintln!("R = {r}: writing {} ...", b.size);
         let mbs = replicated_write(&nodes, b, 1_000_000 * u64::from(r), &data)?;
         // Every replica lands on this one machine's disk, so the device share of one
@@ -672,7 +738,7 @@ pub fn run(b: &ClusterBench) -> Result<()> {
 
     if !b.no_failover {
         eprintln!("failover: R = 2, lease_ttl_s 3 (the default) ...");
-        let mut nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "failover", false)?;
+        let mut nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "failover", false, None)?;
         let secs = failover(&mut nodes, &data)?;
         rows.push(Row {
             what: "kill -9 chain head -> writes succeed".into(),
@@ -692,9 +758,34 @@ pub fn run(b: &ClusterBench) -> Result<()> {
             ),
         });
     }
+    if !b.no_failover {
+        eprintln!(
+            "restore: R = 2, a node lost for good (node_lost_after_s = {RESTORE_LOST_AFTER_S}) ..."
+        );
+        let mut nodes = start_nodes(
+            b,
+            &net,
+            &etcd.url(),
+            &rt,
+            2,
+            "restore",
+            false,
+            Some(RESTORE_LOST_AFTER_S),
+        )?;
+        let (secs, sent) = restore(&mut nodes, (b.size.0 / 2).max(CHUNK), &data)?;
+        rows.push(Row {
+            what: "restore after a node loss (R = 2)".into(),
+            value: secs,
+            unit: "s",
+            note: format!(
+                "kill -9 -> every chain at R again, including the lease (3 s) and node_lost_after_s ({RESTORE_LOST_AFTER_S} s) before the refill starts; {:.0} MiB re-replicated",
+                sent as f64 / (1 << 20) as f64,
+            ),
+        });
+    }
     if !b.no_fuse {
         eprintln!("FUSE over the cluster namespace: R = 2, every node mounts ...");
-        let nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "fuse", true)?;
+        let nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "fuse", true, None)?;
         // Checkpoint writers hand the kernel whole tensors: several MiB per write(2),
         // from page-aligned memory (large allocations are mmap'd), as dd does. With
         // direct I/O the kernel cuts requests at the buffer's page boundaries, so from
