@@ -50,15 +50,7 @@ fn node(az: &Azurite, delay_ms: u64, more: &str) -> MountedNode {
 }
 
 fn cli_ok(n: &MountedNode, args: &[&str]) -> String {
-    let out = n.cli(args);
-    assert!(
-        out.status.success(),
-        "spool {args:?} failed: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        n.log_text()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    n.cli_ok(args)
 }
 
 fn flush_wait(n: &MountedNode) {

@@ -210,6 +210,19 @@ impl MountedNode {
             .output()
             .expect("run spool")
     }
+
+    /// The same, which must succeed: its standard output (the node's log on failure).
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "spool {args:?} failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl Drop for MountedNode {
