@@ -174,6 +174,66 @@ fn wait_synced(
     synced
 }
 
+/// Node 3's replica service stops; the table without it is installed on every node.
+/// Returns node 3's address (to come back on) and that table.
+fn stop_node3(nodes: &mut [Node], t0: &ChainTable) -> (SocketAddr, ChainTable) {
+    let dead = nodes[2].replica.take().unwrap();
+    let addr3 = nodes[2].addr;
+    dead.shutdown();
+    let alive: BTreeMap<u32, NodeInfo> =
+        infos(nodes).into_iter().filter(|(k, _)| *k != 3).collect();
+    let t1 = next_table(
+        t0,
+        &Health {
+            alive,
+            ..Health::default()
+        },
+    )
+    .unwrap();
+    install(nodes, &t1);
+    (addr3, t1)
+}
+
+/// Node 3 comes back (same store, same address) and the table that takes it in as a
+/// syncing tail is installed; returns that table.
+fn return_node3(nodes: &mut [Node], addr3: SocketAddr, t1: &ChainTable) -> ChainTable {
+    nodes[2].replica = {
+        let mut ro = ReplicaOptions::new(3, addr3, key());
+        ro.ops_max = 128;
+        Some(Replica::start(Arc::clone(nodes[2].engine.as_ref().unwrap()), ro).unwrap())
+    };
+    let t2 = next_table(
+        t1,
+        &Health {
+            alive: infos(nodes),
+            ..Health::default()
+        },
+    )
+    .unwrap();
+    install(nodes, &t2);
+    t2
+}
+
+/// Waits for node 3's sync reports (polling every `poll`), then installs the table in
+/// which every target serves.
+fn serve_synced(nodes: &[Node], t2: &ChainTable, poll: Duration) {
+    let synced = wait_synced(nodes, t2, 3, poll);
+    let t3 = next_table(
+        t2,
+        &Health {
+            alive: infos(nodes),
+            synced,
+            ..Health::default()
+        },
+    )
+    .unwrap();
+    assert!(t3
+        .chains
+        .iter()
+        .all(|c| c.targets.iter().all(|t| t.state == TargetState::Serving)));
+    install(nodes, &t3);
+}
+
 #[test]
 fn writes_reach_every_replica_and_read_anywhere() {
     let nodes: Vec<Node> = (1..=3).map(|i| start_node(i, None)).collect();
@@ -359,20 +419,7 @@ fn failed_node_is_bypassed_then_resyncs() {
         write_retry(&mut c, ch, 0, &pattern(ch, 1, IO));
     }
     // Node 3 stops (its replica service: it can no longer take part).
-    let dead = nodes[2].replica.take().unwrap();
-    let addr3 = nodes[2].addr;
-    dead.shutdown();
-    let alive: BTreeMap<u32, NodeInfo> =
-        infos(&nodes).into_iter().filter(|(k, _)| *k != 3).collect();
-    let t1 = next_table(
-        &t0,
-        &Health {
-            alive: alive.clone(),
-            ..Health::default()
-        },
-    )
-    .unwrap();
-    install(&nodes, &t1);
+    let (addr3, t1) = stop_node3(&mut nodes, &t0);
     for &ch in &chunks {
         write_retry(&mut c, ch, IO as u32, &pattern(ch, 2, IO));
     }
@@ -395,40 +442,13 @@ fn failed_node_is_bypassed_then_resyncs() {
         .unwrap();
     assert_eq!(r.status, Status::Ok);
     // It comes back (same store, same address) and enters as syncing tail.
-    nodes[2].replica = {
-        let mut ro = ReplicaOptions::new(3, addr3, key());
-        ro.ops_max = 128;
-        Some(Replica::start(Arc::clone(nodes[2].engine.as_ref().unwrap()), ro).unwrap())
-    };
-    let t2 = next_table(
-        &t1,
-        &Health {
-            alive: infos(&nodes),
-            ..Health::default()
-        },
-    )
-    .unwrap();
-    install(&nodes, &t2);
+    let t2 = return_node3(&mut nodes, addr3, &t1);
     // Writes keep flowing during the resync.
     for &ch in &chunks[..4] {
         write_retry(&mut c, ch, 2 * IO as u32, &pattern(ch, 3, IO));
     }
     // Collect sync reports until every syncing chain is done.
-    let synced = wait_synced(&nodes, &t2, 3, Duration::from_millis(20));
-    let t3 = next_table(
-        &t2,
-        &Health {
-            alive: infos(&nodes),
-            synced,
-            ..Health::default()
-        },
-    )
-    .unwrap();
-    assert!(t3
-        .chains
-        .iter()
-        .all(|c| c.targets.iter().all(|t| t.state == TargetState::Serving)));
-    install(&nodes, &t3);
+    serve_synced(&nodes, &t2, Duration::from_millis(20));
     // Byte-identical replicas with matching versions.
     for &ch in &chunks {
         let views: Vec<_> = nodes
@@ -491,20 +511,7 @@ fn resync_while_chunks_grow() {
     for a in 0..APPENDERS {
         write_retry(&mut c, chunk_of(a, 0), 0, &block_data(a, 0));
     }
-    let dead = nodes[2].replica.take().unwrap();
-    let addr3 = nodes[2].addr;
-    dead.shutdown();
-    let alive: BTreeMap<u32, NodeInfo> =
-        infos(&nodes).into_iter().filter(|(k, _)| *k != 3).collect();
-    let t1 = next_table(
-        &t0,
-        &Health {
-            alive: alive.clone(),
-            ..Health::default()
-        },
-    )
-    .unwrap();
-    install(&nodes, &t1);
+    let (addr3, t1) = stop_node3(&mut nodes, &t0);
     for a in 0..APPENDERS {
         write_retry(&mut c, chunk_of(a, 0), BLOCK, &block_data(a, 1));
     }
@@ -558,31 +565,8 @@ fn resync_while_chunks_grow() {
             .collect();
         std::thread::sleep(Duration::from_millis(20));
         // Node 3 comes back while every appender's chunk grows.
-        nodes[2].replica = {
-            let mut ro = ReplicaOptions::new(3, addr3, key());
-            ro.ops_max = 128;
-            Some(Replica::start(Arc::clone(nodes[2].engine.as_ref().unwrap()), ro).unwrap())
-        };
-        let t2 = next_table(
-            &t1,
-            &Health {
-                alive: infos(&nodes),
-                ..Health::default()
-            },
-        )
-        .unwrap();
-        install(&nodes, &t2);
-        let synced = wait_synced(&nodes, &t2, 3, Duration::from_millis(1));
-        let t3 = next_table(
-            &t2,
-            &Health {
-                alive: infos(&nodes),
-                synced,
-                ..Health::default()
-            },
-        )
-        .unwrap();
-        install(&nodes, &t3);
+        let t2 = return_node3(&mut nodes, addr3, &t1);
+        serve_synced(&nodes, &t2, Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(20));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         appenders.into_iter().map(|h| h.join().unwrap()).collect()
