@@ -162,7 +162,7 @@ impl Namespace {
     /// Reads `len` bytes at `off` (clipped at the size) and hands them to `f`: straight
     /// from the DMA buffer when one piece covers the range.
     pub fn read<R>(&self, ino: u64, off: u64, len: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
-        let size = {
+        let (size, clean) = {
             let mut st = self.lock();
             let n = st.node_mut(ino)?;
             if n.rec.kind == Kind::Dir {
@@ -175,15 +175,10 @@ impl Namespace {
             }
             (n.rec.size, clean)
         };
-        let (size, clean) = size;
         if !clean {
             return read_at(&self.io, ino, size, off, len, None, f);
         }
-        let fill = |index: u32| {
-            self.blob_fill(ino, index)?;
-            self.blob_prefetch(ino, index, size);
-            Ok(())
-        };
+        let fill = |index: u32| self.blob_fill_ahead(ino, index, size);
         read_at(&self.io, ino, size, off, len, Some(&fill), f)
     }
 
@@ -209,7 +204,6 @@ impl Namespace {
         Ok(out)
     }
 
-    /// Writes `data` at `off`; durable when it returns. `None` data writes zeros.
     /// Writes `data` at `off`; durable when it returns. A full cache (ENOSPC) with
     /// cache-on-read evicts clean chunks and retries for up to `space_wait` (uploads
     /// meanwhile turn dirty files clean, so evictable) before the ENOSPC stands.

@@ -170,10 +170,8 @@ impl NsOps for Namespace {
         Namespace::write(self, ino, off, data)
     }
     fn fill_chunk(&self, ino: u64, index: u32) -> Result<()> {
-        self.blob_fill(ino, index)?;
         let size = Namespace::getattr(self, ino)?.size;
-        self.blob_prefetch(ino, index, size);
-        Ok(())
+        self.blob_fill_ahead(ino, index, size)
     }
     fn flush_inode(&self, ino: u64) -> Result<()> {
         Namespace::flush_inode(self, ino)

@@ -63,11 +63,6 @@ impl StoreReader {
             })
     }
 
-    fn key(&self, path: &str) -> Result<ObjPath, String> {
-        ObjPath::parse(format!("{}{path}", self.cfg.prefix))
-            .map_err(|e| format!("{path:?} cannot be a blob key: {e}"))
-    }
-
     pub fn status(&self) -> serde_json::Value {
         let s = &self.stats;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -170,7 +165,7 @@ impl BlobReader for StoreReader {
     }
 
     fn get(&self, key: &str, etag: &str, off: u64, len: u64) -> Result<Fetched, String> {
-        let loc = self.key(key)?;
+        let loc = super::store::object_key(&self.cfg.prefix, key)?;
         self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
         let opts = GetOptions {
             // HTTP sends ETags quoted; a listing may give them bare.

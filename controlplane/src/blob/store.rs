@@ -25,6 +25,12 @@ fn read_secret(key: &str, path: &std::path::Path) -> Result<String, Error> {
     Ok(s)
 }
 
+/// The object key of mount path `path` under `prefix`, or why it cannot be one.
+pub fn object_key(prefix: &str, path: &str) -> Result<object_store::path::Path, String> {
+    object_store::path::Path::parse(format!("{prefix}{path}"))
+        .map_err(|e| format!("{path:?} cannot be a blob key: {e}"))
+}
+
 /// The store of `cfg`, or an error naming the key that is wrong.
 pub fn open(cfg: &BlobConfig) -> Result<Arc<dyn ObjectStore>, Error> {
     match cfg.backend {

@@ -132,8 +132,7 @@ impl Writeback {
 
     /// The object key of a mount path, or why it cannot be one.
     fn key(&self, path: &str) -> Result<ObjPath, String> {
-        ObjPath::parse(format!("{}{path}", self.inner.cfg.prefix))
-            .map_err(|e| format!("{path:?} cannot be a blob key: {e}"))
+        super::store::object_key(&self.inner.cfg.prefix, path)
     }
 
     /// Files under `prefix` (a mount path, "" for all) skip the delay, and failing

@@ -180,11 +180,13 @@ impl Namespace {
         };
         for _ in 0..FILL_WAITS_MAX {
             let (state, size) = {
-                let st = self.lock();
-                let n = st.node(ino)?;
+                let mut st = self.lock();
+                let n = st.node_mut(ino)?;
                 if !n.blob_clean {
                     return Ok(());
                 }
+                // A fetch is a use, for eviction's LRU order (warmup, prefetch).
+                n.used_ns = now_ns();
                 let Some(s) = n.xattrs.get(BLOB_XATTR).and_then(|v| BlobState::decode(v)) else {
                     return Ok(());
                 };
@@ -202,12 +204,12 @@ impl Namespace {
                 fills.insert((ino, index));
                 (s, size)
             };
-            let mut r = self.fill_chunk(reader.as_ref(), ino, index, &state, size);
+            let mut r = self.fetch_chunk(reader.as_ref(), ino, index, &state, size);
             // A full cache: make room among other clean files, then once more.
             if r.as_ref().is_err_and(|e| e.errno() == libc::ENOSPC) {
                 if let Ok(freed) = self.blob_evict(self.chunk_size * 8) {
                     if freed > 0 {
-                        r = self.fill_chunk(reader.as_ref(), ino, index, &state, size);
+                        r = self.fetch_chunk(reader.as_ref(), ino, index, &state, size);
                     }
                 }
             }
@@ -220,8 +222,15 @@ impl Namespace {
         )))
     }
 
-    /// The fill itself (this caller is the chunk's only filler).
-    fn fill_chunk(
+    /// `blob_fill` for a reader: then the next chunks in the background.
+    pub(crate) fn blob_fill_ahead(&self, ino: u64, index: u32, size: u64) -> Result<()> {
+        self.blob_fill(ino, index)?;
+        self.blob_prefetch(ino, index, size);
+        Ok(())
+    }
+
+    /// The fetch itself (this caller is the chunk's only filler).
+    fn fetch_chunk(
         &self,
         reader: &dyn BlobReader,
         ino: u64,
@@ -229,9 +238,6 @@ impl Namespace {
         state: &BlobState,
         size: u64,
     ) -> Result<()> {
-        if let Ok(n) = self.lock().node_mut(ino) {
-            n.used_ns = now_ns();
-        }
         let start = u64::from(index) * self.chunk_size;
         if start >= size {
             return Ok(());

@@ -569,11 +569,16 @@ pub fn serve(config_path: &Path) -> Result<()> {
         reader,
         warmup: Mutex::new(None),
     });
+    // The namespace while it runs here (the uploader, the evictor and /metrics).
+    let ns_source: NsSource = {
+        let weak = Arc::downgrade(&node);
+        Arc::new(move || weak.upgrade()?.running_namespace())
+    };
     if let Some(b) = cfg.blob.as_ref().filter(|b| b.mode == BlobMode::Writeback) {
         let store = blob::store::open(b)?;
-        let weak = Arc::downgrade(&node);
-        let source: NsSource = Arc::new(move || weak.upgrade()?.running_namespace());
-        let _ = node.blob.set(Writeback::new(b.clone(), store, source));
+        let _ = node
+            .blob
+            .set(Writeback::new(b.clone(), store, Arc::clone(&ns_source)));
     }
     // In cluster mode the mount waits for membership: its first calls need a chain
     // table to find the namespace.
@@ -595,8 +600,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
         let (blob_stop_tx, blob_stop_rx) = shutdown::channel();
         let blob_task = node.blob.get().map(|w| tokio::spawn(w.clone().run(blob_stop_rx)));
         let evict_task = cfg.blob.as_ref().filter(|b| b.read_through).map(|b| {
-            let weak = Arc::downgrade(&node);
-            let source: NsSource = Arc::new(move || weak.upgrade()?.running_namespace());
+            let source = Arc::clone(&ns_source);
             tokio::spawn(blob::evict::run(b.clone(), source, Arc::clone(&engine), stop_rx.clone()))
         });
         let metrics_task = match cfg.metrics.listen {
@@ -604,7 +608,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 let perf = Arc::clone(engine.perf());
                 let blob = node.blob.get().cloned();
                 let reader = node.reader.clone();
-                let weak_node = Arc::downgrade(&node);
+                let source = Arc::clone(&ns_source);
                 let render = move || {
                     let mut text = perf.snapshot().to_prometheus("spool_");
                     if let Some(w) = &blob {
@@ -612,7 +616,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
                     }
                     if let Some(r) = &reader {
                         text.push_str(&r.prometheus());
-                        if let Some(ns) = weak_node.upgrade().and_then(|n| n.running_namespace()) {
+                        if let Some(ns) = source() {
                             let (files, bytes) = ns.blob_evictions();
                             text.push_str(&blob::reader::eviction_prometheus(files, bytes));
                         }
