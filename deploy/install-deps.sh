@@ -47,8 +47,12 @@ SPOOL_PKGS_BLOB=(python3-venv)
 # (NodeSource): install Debian's only when there is no npm at all.
 command -v npm >/dev/null 2>&1 || SPOOL_PKGS_BLOB+=(nodejs npm)
 
-# Later issues add lists here, e.g.:
-#   SPOOL_PKGS_VMLAB=(qemu-system-x86 qemu-utils ...)    # NVMe/RDMA backends in a VM
+# The VM lab (deploy/vmlab) tests the nvme and rdma backends in a qemu guest: qemu
+# (with qboot), busybox-static and cpio for the initramfs, kmod to resolve the guest's
+# modules, xz-utils; inside the guest, jobs use pciutils, rdma-core and ibverbs-utils.
+# The guest kernel is Debian's linux-image package, fetched by deploy/vmlab/build-guest.sh.
+SPOOL_PKGS_VMLAB=(qemu-system-x86 busybox-static kmod cpio xz-utils pciutils rdma-core ibverbs-utils)
+
 SPOOL_DEB_PKGS=(
     "${SPOOL_PKGS_BUILD[@]}"
     "${SPOOL_PKGS_TEST[@]}"
@@ -56,6 +60,7 @@ SPOOL_DEB_PKGS=(
     "${SPOOL_PKGS_QUICKSTART[@]}"
     "${SPOOL_PKGS_CLUSTER[@]}"
     "${SPOOL_PKGS_BLOB[@]}"
+    "${SPOOL_PKGS_VMLAB[@]}"
 )
 
 # Where the blob tier's test tools live (outside the checkout, shared by runs).
@@ -123,9 +128,18 @@ spool_deps_apt() {
     done
     ((ok)) || spool_deps_say "warning: apt-get update failed 3 times; trying the install with the lists we have"
 
+    # Some machine images carry a newer qemu-utils (from backports) that conflicts with
+    # Debian 12's qemu-system-x86: install the qemu-utils of the same version with it.
+    local -a pins=()
+    if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]]; then
+        local qver
+        qver="$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ {print $2}')"
+        [[ -n "$qver" && "$qver" != "(none)" ]] && pins=(--allow-downgrades "qemu-utils=$qver")
+    fi
+
     ok=0
     for try in 1 2; do
-        if "${apt[@]}" install --no-install-recommends "${missing[@]}" >>"$log" 2>&1 </dev/null; then ok=1; break; fi
+        if "${apt[@]}" install --no-install-recommends "${missing[@]}" "${pins[@]}" >>"$log" 2>&1 </dev/null; then ok=1; break; fi
         sleep 5
     done
     if ((!ok)); then
@@ -248,9 +262,20 @@ spool_deps_blob() {
     export SPOOL_TOOLS_DIR
 }
 
+# The VM lab's guest (Debian's kernel and a busybox initramfs), built once into
+# $SPOOL_TOOLS_DIR/vmlab; the script prints one line when it is already there.
+spool_deps_vmlab() {
+    local here
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    SPOOL_TOOLS_DIR="$SPOOL_TOOLS_DIR" "$here/vmlab/build-guest.sh" ||
+        spool_deps_die "building the VM lab guest failed (see above)" \
+            "it needs the Debian archive (apt-get download of the kernel package)"
+}
+
 spool_install_deps() {
     spool_deps_apt
     spool_deps_blob
+    spool_deps_vmlab
     spool_deps_rust
     spool_deps_say "ok: ${#SPOOL_DEB_PKGS[@]} Debian packages present, cargo $SPOOL_CARGO_VERSION, cargo-nextest $SPOOL_NEXTEST_VERSION"
 }

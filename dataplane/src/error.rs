@@ -36,6 +36,9 @@ pub enum Error {
     NoSpace { shard: u32 },
     #[error("no such chunk {0}")]
     NoChunk(String),
+    /// The userspace NVMe driver: a failed command, a timeout, a failed controller.
+    #[error("nvme {0}")]
+    Nvme(String),
     #[error("queue full")]
     Busy,
     #[error("dataplane is shutting down")]

@@ -321,6 +321,37 @@ impl DmaBuf {
         self.sealed_len = None; // SAFETY: as in as_slice, and &mut self makes the access exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.pool.buf_ptr(self.index), self.len) }
     }
+    /// Reads the little-endian u32 at byte `offset` with a volatile load: for memory a
+    /// device writes while the CPU polls it (an NVMe completion queue), where a plain
+    /// slice read could be merged or hoisted out of the polling loop.
+    pub fn read_u32_volatile(&self, offset: usize) -> u32 {
+        let p = self.volatile_ptr(offset);
+        // SAFETY: volatile_ptr checked that 4 aligned bytes at offset lie inside this
+        // buffer, which this handle owns and the pool keeps mapped.
+        u32::from_le(unsafe { std::ptr::read_volatile(p) })
+    }
+
+    /// Writes `value` little-endian at byte `offset` with a volatile store: for memory a
+    /// device reads concurrently (an NVMe submission queue), so each store happens and
+    /// happens once.
+    pub fn write_u32_volatile(&mut self, offset: usize, value: u32) {
+        self.sealed_len = None;
+        let p = self.volatile_ptr(offset);
+        // SAFETY: as in read_u32_volatile; &mut self makes the CPU side exclusive.
+        unsafe { std::ptr::write_volatile(p, value.to_le()) }
+    }
+
+    fn volatile_ptr(&self, offset: usize) -> *mut u32 {
+        assert!(
+            offset % 4 == 0 && offset + 4 <= self.pool.buf_size,
+            "volatile access at {offset} outside the {}-byte buffer or unaligned",
+            self.pool.buf_size
+        );
+        // SAFETY: offset + 4 <= buf_size (checked), so the pointer stays in this buffer;
+        // buffers are 4 KiB aligned and offset is a multiple of 4, so it is aligned.
+        unsafe { self.pool.buf_ptr(self.index).add(offset).cast::<u32>() }
+    }
+
     /// Virtual address of the first byte, for handing to a device.
     pub fn addr(&self) -> usize {
         self.pool.buf_ptr(self.index) as usize
@@ -449,6 +480,20 @@ mod tests {
         assert_ne!(other.index(), b.index());
         b.as_mut_slice()[0] = 1;
         assert_eq!(b.sealed_len(), None, "mutation invalidates the seal");
+    }
+
+    #[test]
+    fn volatile_accessors_are_little_endian_and_bounded() {
+        let pool = DmaPool::new("t", 4096, 1, PagePolicy::Normal).unwrap();
+        let mut b = pool.alloc().unwrap();
+        b.write_u32_volatile(8, 0x0403_0201);
+        assert_eq!(&b.as_slice()[8..12], &[1, 2, 3, 4]);
+        assert_eq!(b.read_u32_volatile(8), 0x0403_0201);
+        for bad in [4096, 4094, 2] {
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.read_u32_volatile(bad)));
+            assert!(r.is_err(), "offset {bad} refused");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! else while the device may be doing DMA into it.
 
 pub mod mem;
+pub mod nvme;
 pub mod uring;
 
 use spool_hugepages::DmaBuf;

@@ -241,7 +241,7 @@ pub fn rejects_bad_requests(dev: &mut dyn BlockDevice, pool: &Arc<DmaPool>) {
     c.result.expect("device works after refusals");
 }
 
-fn req(tag: u64, kind: IoKind, offset: u64, len: u32, buf: Option<DmaBuf>) -> IoRequest {
+pub fn req(tag: u64, kind: IoKind, offset: u64, len: u32, buf: Option<DmaBuf>) -> IoRequest {
     IoRequest {
         tag,
         kind,
@@ -252,7 +252,7 @@ fn req(tag: u64, kind: IoKind, offset: u64, len: u32, buf: Option<DmaBuf>) -> Io
 }
 
 /// Submits one request on an idle device and waits for its completion.
-fn one(dev: &mut dyn BlockDevice, r: IoRequest) -> IoCompletion {
+pub fn one(dev: &mut dyn BlockDevice, r: IoRequest) -> IoCompletion {
     let tag = r.tag;
     dev.submit(r)
         .unwrap_or_else(|(e, _)| panic!("submit tag {tag}: {e}"));
@@ -287,14 +287,14 @@ fn wait_all(dev: &mut dyn BlockDevice, n: usize) -> Vec<IoCompletion> {
 
 /// A pattern that differs per seed and per 8-byte word, so misplaced or stale data
 /// never matches.
-fn fill(seed: u64, buf: &mut [u8]) {
+pub fn fill(seed: u64, buf: &mut [u8]) {
     for (i, word) in buf.chunks_mut(8).enumerate() {
         let v = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64;
         word.copy_from_slice(&v.to_le_bytes()[..word.len()]);
     }
 }
 
-fn has_pattern(seed: u64, data: &[u8]) -> bool {
+pub fn has_pattern(seed: u64, data: &[u8]) -> bool {
     data.chunks(8).enumerate().all(|(i, word)| {
         let v = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64;
         word == &v.to_le_bytes()[..word.len()]

@@ -1,3 +1,4 @@
 //! Shared test code: `mod common;` in a test file.
 
 pub mod conformance;
+pub mod vmlab;
