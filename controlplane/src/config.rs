@@ -225,6 +225,8 @@ pub enum DeviceBackend {
     Uring,
     /// RAM (tests).
     Mem,
+    /// Spool's own NVMe driver over VFIO (the controller bound to vfio-pci).
+    Nvme,
 }
 
 impl fmt::Display for DeviceBackend {
@@ -232,6 +234,7 @@ impl fmt::Display for DeviceBackend {
         f.write_str(match self {
             DeviceBackend::Uring => "uring",
             DeviceBackend::Mem => "mem",
+            DeviceBackend::Nvme => "nvme",
         })
     }
 }
@@ -240,11 +243,20 @@ impl fmt::Display for DeviceBackend {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeviceConfig {
-    /// `"uring"` (default) or `"mem"`.
+    /// `"uring"` (default), `"nvme"` or `"mem"`.
     pub backend: DeviceBackend,
     /// File or block device; required for `uring`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// PCI address of the NVMe controller (DDDD:BB:DD.F, bound to vfio-pci with
+    /// `spool nvme bind`); required for `nvme`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pci_address: Option<String>,
+    /// `nvme`: namespace id, 1..1024 (default 1).
+    pub nsid: u32,
+    /// `nvme`: a command with no completion for this long fails the device,
+    /// 100..600000 (default 30000).
+    pub io_timeout_ms: u64,
     /// Bytes of the device to use; a missing file is created with this size. At least
     /// `chunk_size`, a multiple of 4KiB.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -268,6 +280,9 @@ impl Default for DeviceConfig {
         DeviceConfig {
             backend: DeviceBackend::Uring,
             path: None,
+            pci_address: None,
+            nsid: 1,
+            io_timeout_ms: 30_000,
             size: None,
             format_if_new: true,
             chunk_size: ByteSize::mib(4),
@@ -431,6 +446,16 @@ const DEVICE_SHARDS: IntRange = IntRange {
     key: "device.shards",
     min: 0,
     max: 256,
+};
+const DEVICE_NSID: IntRange = IntRange {
+    key: "device.nsid",
+    min: 1,
+    max: 1024,
+};
+const DEVICE_IO_TIMEOUT_MS: IntRange = IntRange {
+    key: "device.io_timeout_ms",
+    min: 100,
+    max: 600_000,
 };
 const DEVICE_QUEUE_DEPTH: IntRange = IntRange {
     key: "device.queue_depth",
@@ -657,6 +682,22 @@ impl DeviceConfig {
                 Some(_) => {}
             }
         }
+        if self.backend == DeviceBackend::Nvme {
+            match self.pci_address.as_deref() {
+                None => p.push(
+                    "device.pci_address: required when device.backend = \"nvme\" \
+                     (the controller's PCI address, e.g. \"0000:00:04.0\"; see `spool nvme list`)"
+                        .to_owned(),
+                ),
+                Some(a) => {
+                    if let Err(e) = spool_dataplane::device::nvme::pci::check_address(a) {
+                        p.push(format!("device.pci_address = {a:?}: {e}"));
+                    }
+                }
+            }
+        }
+        DEVICE_NSID.check(u64::from(self.nsid), p);
+        DEVICE_IO_TIMEOUT_MS.check(self.io_timeout_ms, p);
         let chunk = self.chunk_size;
         if !chunk.0.is_power_of_two() || chunk < CHUNK_SIZE_MIN || chunk > CHUNK_SIZE_MAX {
             p.push(format!(

@@ -50,9 +50,9 @@ pub enum Error {
     /// writer's authority over it may have passed to another node).
     #[error("chain version {expected} is stale (now {current})")]
     StaleChain { expected: u64, current: u64 },
-    #[error("{0}")]
+    #[error(transparent)]
     Ffi(#[from] spool_ffi::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Pool(#[from] spool_hugepages::Error),
 }
 

@@ -19,7 +19,8 @@
 #   --hugepages N      2 MiB hugepages reserved at boot (default 64)
 #   --timeout S        kill the guest after S seconds (default 600): exit status 124
 #   --env NAME=VALUE   set in the job's environment (repeatable); RUST_BACKTRACE,
-#                      RUST_LOG and RUST_TEST_THREADS pass through from the caller
+#                      RUST_LOG, RUST_TEST_THREADS and SPOOL_* pass through from the
+#                      caller
 #
 # Exit status: COMMAND's (0-127; larger values read as 127), 124 on timeout, 125 when
 # the guest could not boot or run the job.
@@ -56,9 +57,10 @@ command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found: r
 
 job="$(mktemp -d /tmp/spool-vmlab-job.XXXXXX)"
 trap 'rm -rf "$job"' EXIT
-for v in RUST_BACKTRACE RUST_LOG RUST_TEST_THREADS; do
-    [[ -n "${!v:-}" ]] && envs+=("$v=${!v}")
-done
+# The caller's test knobs pass through: RUST_* and SPOOL_* (e.g. SPOOL_DCP_SEED).
+while read -r v; do
+    [[ "$v" == SPOOL_VMLAB_* ]] || envs+=("$v=${!v}")
+done < <(compgen -e | grep -E '^(RUST_BACKTRACE|RUST_LOG|RUST_TEST_THREADS|SPOOL_[A-Z0-9_]+)$' || true)
 envs+=(SPOOL_VMLAB_GUEST=1)
 drive=()
 if [[ -n "$nvme_mib" ]]; then

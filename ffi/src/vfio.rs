@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use spool_hugepages::DmaPool;
 
@@ -119,10 +119,7 @@ fn open_rw(path: &Path) -> Result<OwnedFd, Error> {
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|source| Error::Os {
-            what: "open VFIO node",
-            source: std::io::Error::new(source.kind(), format!("{}: {source}", path.display())),
-        })?;
+        .map_err(|e| Error::Unsupported(format!("cannot open {}: {e}", path.display())))?;
     Ok(OwnedFd::from(f))
 }
 
@@ -131,16 +128,12 @@ pub fn iommu_group(bdf: &str) -> Result<u32, Error> {
     let link = Path::new("/sys/bus/pci/devices")
         .join(bdf)
         .join("iommu_group");
-    let target = std::fs::read_link(&link).map_err(|source| Error::Os {
-        what: "read iommu_group link",
-        source: std::io::Error::new(
-            source.kind(),
-            format!(
-                "{}: {source} (no such PCI function, or no IOMMU: boot with intel_iommu=on \
-                 or amd_iommu=on)",
-                link.display()
-            ),
-        ),
+    let target = std::fs::read_link(&link).map_err(|e| {
+        Error::Unsupported(format!(
+            "{bdf}: no IOMMU group ({}: {e}): no such PCI function, or no IOMMU (boot with \
+             intel_iommu=on or amd_iommu=on)",
+            link.display()
+        ))
     })?;
     target
         .file_name()
@@ -229,7 +222,7 @@ pub struct VfioDevice {
     _group: OwnedFd,
     container: OwnedFd,
     /// Pools mapped for DMA: dropped after the container, so after their mappings.
-    pools: Vec<Arc<DmaPool>>,
+    pools: Mutex<Vec<Arc<DmaPool>>>,
 }
 
 impl VfioDevice {
@@ -351,7 +344,7 @@ impl VfioDevice {
             _device: device,
             _group: group,
             container,
-            pools: Vec::new(),
+            pools: Mutex::new(Vec::new()),
         };
         let cmd = dev.config_read16(PCI_COMMAND)?;
         dev.config_write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)?;
@@ -388,12 +381,13 @@ impl VfioDevice {
 
     /// Lets the device read and write all of `pool` through bus addresses from `iova`
     /// (page-aligned) on. The device keeps the pool alive until it is dropped.
-    pub fn map_pool(&mut self, pool: &Arc<DmaPool>, iova: u64) -> Result<(), Error> {
+    pub fn map_pool(&self, pool: &Arc<DmaPool>, iova: u64) -> Result<(), Error> {
         let r = pool.region();
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the pool's region stays mapped while its Arc lives, and `self.pools`
         // holds that Arc until after the container (and with it the mapping) is closed.
         unsafe { self.map_dma(r.addr, r.len, iova)? };
-        self.pools.push(Arc::clone(pool));
+        pools.push(Arc::clone(pool));
         Ok(())
     }
 

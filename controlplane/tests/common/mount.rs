@@ -32,6 +32,9 @@ pub struct MountOpts {
     pub buffers: usize,
     /// More TOML for the config (e.g. a `[blob]` section).
     pub extra: String,
+    /// Use this NVMe controller (PCI address, bound to vfio-pci) through the nvme
+    /// backend instead of a device file; `device_size` is then the namespace's.
+    pub nvme: Option<String>,
 }
 
 impl Default for MountOpts {
@@ -44,6 +47,7 @@ impl Default for MountOpts {
             threads: 4,
             buffers: 32,
             extra: String::new(),
+            nvme: None,
         }
     }
 }
@@ -75,15 +79,21 @@ impl MountedNode {
         let socket = dir.path().join("admin.sock");
         let config = dir.path().join("spool.toml");
         let log = dir.path().join("spool.log");
+        let device = match &opts.nvme {
+            Some(address) => format!("backend = \"nvme\"\npci_address = \"{address}\""),
+            None => format!(
+                "path = \"{}/dev.img\"\nsize = \"{}\"",
+                dir.path().display(),
+                opts.device_size
+            ),
+        };
         let text = format!(
-            "[device]\npath = \"{d}/dev.img\"\nsize = \"{size}\"\nchunk_size = \"{cs}\"\n\
+            "[device]\n{device}\nchunk_size = \"{cs}\"\n\
              [dataplane]\ncores = 1\npin = false\nidle_spin_us = 20\nio_size_max = \"{io}\"\n\
              [hugepages]\npolicy = \"none\"\nbuffers = {buffers}\n\
              [admin]\nsocket = \"{sock}\"\n\
              [mount]\nmountpoint = \"{mnt}\"\nthreads = {threads}\n\
              direct_io = {dio}\nwriteback_cache = {wb}\n{extra}\n",
-            d = dir.path().display(),
-            size = opts.device_size,
             cs = opts.chunk_size,
             io = opts.io_size_max,
             buffers = opts.buffers,

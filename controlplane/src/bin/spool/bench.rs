@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use spool_controlplane::config::size::ByteSize;
+use spool_dataplane::device::nvme::{pci, NvmeOptions};
 use spool_dataplane::device::uring::{UringDevice, UringOptions};
 use spool_dataplane::device::BlockDevice;
 use spool_dataplane::engine::{Engine, EngineOptions};
@@ -20,8 +21,14 @@ use spool_perf::Perf;
 pub struct DeviceBench {
     /// File (created and preallocated if missing) or block device to benchmark. Its
     /// contents are destroyed.
+    #[arg(long, required_unless_present = "nvme", conflicts_with = "nvme")]
+    pub path: Option<PathBuf>,
+    /// PCI address of an NVMe controller (destroys its contents): Spool's rows use
+    /// Spool's own NVMe driver (the controller bound to vfio-pci), fio's use the
+    /// kernel's nvme driver on the same controller (handed back for them, so the nvme
+    /// module must be loaded).
     #[arg(long)]
-    pub path: PathBuf,
+    pub nvme: Option<String>,
     /// Size of the file to create, and the bound of what is written.
     #[arg(long, default_value = "2GiB")]
     pub size: ByteSize,
@@ -102,15 +109,100 @@ pub(crate) fn prepare_file(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// What is benchmarked: a file or block device through io_uring, or an NVMe controller
+/// through Spool's driver.
+enum Target<'a> {
+    File(&'a Path),
+    Nvme(&'a str),
+}
+
+impl Target<'_> {
+    /// One device queue per core, on a freshly formatted store.
+    fn open(
+        &self,
+        uo: &UringOptions,
+        fo: &FormatOptions,
+        cores: usize,
+        pool: &Arc<DmaPool>,
+    ) -> Result<(Vec<Box<dyn BlockDevice>>, store::Superblock)> {
+        match self {
+            Target::File(path) => {
+                let sb = {
+                    let mut d = UringDevice::open(path, uo, &[])?;
+                    store::format(&mut d, fo)?
+                };
+                let devices = (0..cores)
+                    .map(|_| {
+                        UringDevice::open(path, uo, std::slice::from_ref(pool))
+                            .map(|d| Box::new(d) as Box<dyn BlockDevice>)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((devices, sb))
+            }
+            Target::Nvme(address) => {
+                pci::bind_vfio(address)?;
+                let no = NvmeOptions {
+                    queue_depth: uo.queue_depth,
+                    ..NvmeOptions::default()
+                };
+                let mut queues =
+                    crate::node::open_nvme(address, cores, &no, std::slice::from_ref(pool))?;
+                let sb = store::format(&mut queues[0], fo)?;
+                let devices = queues
+                    .into_iter()
+                    .map(|q| Box::new(q) as Box<dyn BlockDevice>)
+                    .collect();
+                Ok((devices, sb))
+            }
+        }
+    }
+
+    /// The path fio runs on: the file, or the controller's block device once it is
+    /// back with the kernel's nvme driver.
+    fn fio_path(&self) -> Result<PathBuf> {
+        match self {
+            Target::File(path) => Ok(path.to_path_buf()),
+            Target::Nvme(address) => {
+                pci::unbind_vfio(address)?;
+                let t0 = Instant::now();
+                loop {
+                    let f = pci::list()?.into_iter().find(|f| f.address == *address);
+                    if let Some(dev) = f.as_ref().and_then(|f| f.block_devices.first()) {
+                        let p = Path::new("/dev").join(dev);
+                        if p.exists() {
+                            return Ok(p);
+                        }
+                    }
+                    if t0.elapsed() > Duration::from_secs(10) {
+                        bail!(
+                            "{address} has no block device with the kernel's driver \
+                             (driver: {}): load it (modprobe nvme) or pass --no-fio",
+                            f.map_or_else(|| "gone".to_owned(), |f| f.driver)
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
 pub fn run(b: &DeviceBench) -> Result<()> {
     let (bs, qd) = (b.block_size.0, b.queue_depth);
+    let target = match (&b.path, &b.nvme) {
+        (Some(p), None) => Target::File(p),
+        (None, Some(a)) => Target::Nvme(a),
+        _ => bail!("give exactly one of --path and --nvme"),
+    };
     if bs == 0 || bs % 4096 != 0 || bs > b.chunk_size.0 {
         bail!("--block-size {bs} must be a multiple of 4096 up to the chunk size");
     }
     if qd == 0 || qd > 1024 {
         bail!("--queue-depth {qd} must be between 1 and 1024");
     }
-    prepare_file(&b.path, b.size.0)?;
+    if let Target::File(path) = target {
+        prepare_file(path, b.size.0)?;
+    }
     if b.repeat == 0 || b.repeat > 100 {
         bail!("--repeat {} must be between 1 and 100", b.repeat);
     }
@@ -132,10 +224,7 @@ pub fn run(b: &DeviceBench) -> Result<()> {
     for round in 0..b.repeat {
         // A fresh store each round: rewriting committed chunks would measure
         // copy-on-write, not sequential writes.
-        let sb = {
-            let mut d = UringDevice::open(&b.path, &uo, &[])?;
-            store::format(&mut d, &fo)?
-        };
+        let (devices, sb) = target.open(&uo, &fo, b.cores, &pool)?;
         let g = sb.geometry.clone();
         let chunk = u64::from(g.chunk_size);
         // Write 3/4 of the store's capacity, in whole chunks, at most 8 GiB.
@@ -154,12 +243,6 @@ pub fn run(b: &DeviceBench) -> Result<()> {
                 if huge { "hugepages" } else { "ordinary pages (reserve hugepages for best results)" }
             );
         }
-        let devices = (0..b.cores)
-            .map(|_| {
-                UringDevice::open(&b.path, &uo, std::slice::from_ref(&pool))
-                    .map(|d| Box::new(d) as Box<dyn BlockDevice>)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let opts = EngineOptions {
             cores: b.cores,
             cpus: None,
@@ -207,8 +290,9 @@ pub fn run(b: &DeviceBench) -> Result<()> {
             .map_err(|_| anyhow::anyhow!("engine still shared"))?
             .shutdown();
         if !b.no_fio {
-            rows.push(fio(&b.path, "write", total, bs, qd, huge)?);
-            rows.push(fio(&b.path, "read", total, bs, qd, huge)?);
+            let path = target.fio_path()?;
+            rows.push(fio(&path, "write", total, bs, qd, huge)?);
+            rows.push(fio(&path, "read", total, bs, qd, huge)?);
         }
         eprintln!("bench: round {} of {} done", round + 1, b.repeat);
     }

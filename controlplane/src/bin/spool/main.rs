@@ -35,9 +35,11 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Lay out a Spool store on a file or block device (destroys its contents).
+    /// Lay out a Spool store on a file, a block device or an NVMe controller
+    /// (destroys its contents).
     Format {
-        /// File or block device.
+        /// File, block device, or the PCI address of an NVMe controller bound to
+        /// vfio-pci (e.g. 0000:00:04.0: formatted through Spool's own NVMe driver).
         path: PathBuf,
         /// Create (or grow) a file of this size first.
         #[arg(long)]
@@ -131,6 +133,33 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
+    },
+    /// NVMe controllers for the nvme backend: list them, hand them to vfio-pci, give
+    /// them back to the kernel.
+    Nvme {
+        #[command(subcommand)]
+        cmd: NvmeCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NvmeCmd {
+    /// Every NVMe controller: PCI address, ids, driver, IOMMU group, block devices.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unbind the controller from its kernel driver (its block devices disappear) and
+    /// bind it to vfio-pci, for `device.backend = "nvme"`.
+    Bind {
+        /// PCI address, e.g. 0000:00:04.0.
+        address: String,
+    },
+    /// Give the controller back to the kernel's nvme driver.
+    Unbind {
+        /// PCI address, e.g. 0000:00:04.0.
+        address: String,
     },
 }
 
@@ -274,6 +303,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Nvme { cmd } => nvme_cmd(cmd),
         Cmd::Perf {
             cmd: PerfCmd::Dump { socket },
         } => {
@@ -592,4 +622,50 @@ fn print_status(v: &Value) {
             }
         );
     }
+}
+
+fn nvme_cmd(cmd: NvmeCmd) -> Result<()> {
+    use spool_dataplane::device::nvme::pci;
+    let show = |f: &pci::PciFunction| {
+        println!(
+            "{:<14} {:>6}:{:<6} {:<10} {:>5}  {}",
+            f.address,
+            f.vendor.trim_start_matches("0x"),
+            f.device.trim_start_matches("0x"),
+            if f.driver.is_empty() { "-" } else { &f.driver },
+            f.iommu_group
+                .map_or_else(|| "-".to_owned(), |g| g.to_string()),
+            f.block_devices.join(" ")
+        )
+    };
+    match cmd {
+        NvmeCmd::List { json } => {
+            let all = pci::list()?;
+            if json {
+                print_json(&serde_json::to_value(&all)?);
+            } else if all.is_empty() {
+                println!("no NVMe controllers");
+            } else {
+                println!(
+                    "{:<14} {:>13} {:<10} {:>5}  BLOCK DEVICES",
+                    "ADDRESS", "VENDOR:DEVICE", "DRIVER", "GROUP"
+                );
+                all.iter().for_each(show);
+            }
+        }
+        NvmeCmd::Bind { address } => {
+            let f = pci::bind_vfio(&address)?;
+            println!("{address} is bound to vfio-pci (IOMMU group {}): set device.backend = \"nvme\" and device.pci_address = \"{address}\"", f.iommu_group.unwrap_or_default());
+        }
+        NvmeCmd::Unbind { address } => {
+            let f = pci::unbind_vfio(&address)?;
+            let driver = if f.driver.is_empty() {
+                "no driver (load nvme: modprobe nvme)".to_owned()
+            } else {
+                f.driver.clone()
+            };
+            println!("{address} is back with the kernel: {driver}");
+        }
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@ use spool_controlplane::config::{BlobMode, Config, DeviceBackend, HugepagePolicy
 use spool_controlplane::logging::{self, LogHandle};
 use spool_controlplane::{metrics, shutdown};
 use spool_dataplane::device::mem::MemDevice;
+use spool_dataplane::device::nvme::{pci, NvmeController, NvmeOptions};
 use spool_dataplane::device::uring::{UringDevice, UringOptions};
 use spool_dataplane::device::BlockDevice;
 use spool_dataplane::engine::{Engine, EngineOptions};
@@ -32,7 +33,14 @@ use spool_fuse_shim::{MountOptions, Mounted, Namespace};
 use spool_hugepages::{DmaPool, PagePolicy};
 use spool_perf::Perf;
 
+/// Whether `path` names an NVMe controller by PCI address (and no file of that name).
+pub fn is_pci_address(path: &Path) -> bool {
+    path.to_str().is_some_and(|a| pci::check_address(a).is_ok()) && !path.exists()
+}
+
 /// Creates `path` as a file of `size` bytes when asked (or when missing), then formats.
+/// A PCI address formats that NVMe controller (bound to vfio-pci) through the nvme
+/// backend.
 pub fn format_path(
     path: &Path,
     size: Option<u64>,
@@ -40,6 +48,20 @@ pub fn format_path(
     shards: u32,
     force: bool,
 ) -> Result<Superblock> {
+    let opts = FormatOptions {
+        chunk_size: u32::try_from(chunk_size).context("chunk size")?,
+        shards,
+        wal_size: 0,
+        force,
+    };
+    if is_pci_address(path) {
+        if size.is_some() {
+            bail!("--size applies to files; an NVMe namespace has its own size");
+        }
+        let address = path.to_str().unwrap_or_default();
+        let mut q = open_nvme(address, 1, &NvmeOptions::default(), &[])?;
+        return Ok(store::format(&mut q[0], &opts)?);
+    }
     if let Some(size) = size {
         create_file(path, size)?;
     } else if !path.exists() {
@@ -54,13 +76,18 @@ pub fn format_path(
         iopoll: false,
     };
     let mut dev = UringDevice::open(path, &uo, &[])?;
-    let opts = FormatOptions {
-        chunk_size: u32::try_from(chunk_size).context("chunk size")?,
-        shards,
-        wal_size: 0,
-        force,
-    };
     Ok(store::format(&mut dev, &opts)?)
+}
+
+/// Opens `queues` queue pairs on the NVMe controller at `address`.
+pub fn open_nvme(
+    address: &str,
+    queues: usize,
+    opts: &NvmeOptions,
+    pools: &[Arc<DmaPool>],
+) -> Result<Vec<spool_dataplane::device::nvme::NvmeQueue>> {
+    NvmeController::open(address, queues, opts, pools)
+        .with_context(|| format!("opening NVMe controller {address} (spool nvme list shows it)"))
 }
 
 fn create_file(path: &Path, size: u64) -> Result<()> {
@@ -435,11 +462,39 @@ fn open_devices(
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((devs, sb))
         }
+        DeviceBackend::Nvme => {
+            let address = d
+                .pci_address
+                .as_deref()
+                .context("device.pci_address is required for the nvme backend")?;
+            let no = NvmeOptions {
+                queue_depth: d.queue_depth,
+                io_timeout_ms: d.io_timeout_ms,
+                nsid: d.nsid,
+                ..NvmeOptions::default()
+            };
+            let mut queues = open_nvme(address, cores, &no, std::slice::from_ref(pool))?;
+            let sb = match store::read_superblock(&mut queues[0]) {
+                Ok(sb) => sb,
+                Err(DpError::NotSpool(why))
+                    if d.format_if_new && probe_is_blank(&mut queues[0])? =>
+                {
+                    tracing::info!(address, reason = %why, "formatting new NVMe namespace");
+                    store::format(&mut queues[0], &fo)?
+                }
+                Err(e) => return Err(e).with_context(|| format!("opening NVMe {address}")),
+            };
+            let devs = queues
+                .into_iter()
+                .map(|q| Box::new(q) as Box<dyn BlockDevice>)
+                .collect();
+            Ok((devs, sb))
+        }
     }
 }
 
 /// A device whose first 128 KiB are zero holds nothing to lose.
-fn probe_is_blank(dev: &mut UringDevice) -> Result<bool> {
+fn probe_is_blank(dev: &mut dyn BlockDevice) -> Result<bool> {
     let pool = DmaPool::new("probe", 128 << 10, 1, PagePolicy::Normal)?;
     let buf = pool.alloc().expect("fresh pool");
     let len = (128u64 << 10).min(dev.info().size_bytes / 4096 * 4096) as u32;

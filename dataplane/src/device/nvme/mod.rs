@@ -7,9 +7,11 @@
 //! reaps the completion queue by its phase bit: no syscall, no allocation and no lock
 //! per I/O.
 //!
-//! Memory: the admin and I/O queues, the PRP lists and every pool the caller registers
-//! are mapped into the device's IOMMU domain at IOVAs from `IOVA_BASE` up; a buffer
-//! from any other memory is refused. A request larger than the controller's largest
+//! Memory: the admin and I/O queues, the PRP lists and every pool given at open are
+//! mapped into the device's IOMMU domain at IOVAs from `IOVA_BASE` up. A buffer of a
+//! pool not given at open (the store's metadata pools) is mapped at its first use, once
+//! per controller, and stays mapped (its pool kept alive) until the controller closes;
+//! at most `MAPPED_POOLS_MAX` pools. A request larger than the controller's largest
 //! transfer (MDTS, and one PRP list page) is split into several commands that complete
 //! it together.
 //!
@@ -22,6 +24,7 @@
 pub mod pci;
 pub mod spec;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,6 +62,9 @@ pub struct NvmeOptions {
     pub io_timeout_ms: u64,
     /// The namespace to use.
     pub nsid: u32,
+    /// Entries per I/O queue (at most the controller's limit and 1024; at least 2):
+    /// commands in flight per queue are one fewer.
+    pub queue_entries: u32,
 }
 
 impl Default for NvmeOptions {
@@ -67,6 +73,7 @@ impl Default for NvmeOptions {
             queue_depth: 64,
             io_timeout_ms: 30_000,
             nsid: 1,
+            queue_entries: IO_QUEUE_ENTRIES_MAX,
         }
     }
 }
@@ -85,8 +92,13 @@ pub struct NvmeFacts {
     pub volatile_write_cache: bool,
 }
 
+/// `cid_slot` entry of a command id not in use.
+const CID_FREE: u16 = u16::MAX;
+/// Pools mapped for the device at once; more is an error (a sign of a pool per request).
+const MAPPED_POOLS_MAX: usize = 1024;
+
 /// One memory range mapped for the device.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Mapping {
     pool_id: u32,
     addr: usize,
@@ -188,7 +200,8 @@ struct Admin {
 pub struct NvmeController {
     /// Holds the mapped pools until its container, and with it every mapping, is gone.
     vfio: VfioDevice,
-    mappings: Vec<Mapping>,
+    /// Pools mapped so far; the queues keep copies, so the hot path takes no lock.
+    iova: Mutex<IovaSpace>,
     cap: Cap,
     facts: NvmeFacts,
     nsid: u32,
@@ -218,16 +231,19 @@ impl NvmeController {
                 "{address}: need at least one queue and a queue depth of at least 1"
             )));
         }
-        let mut vfio = VfioDevice::open(address)?;
+        let vfio = VfioDevice::open(address)?;
         let ring_pool = DmaPool::new(
             "nvme-rings",
             RING_BYTES,
             2 * (queues + 1) + 1,
             PagePolicy::PreferHuge,
         )?;
-        let mut iova_next = IOVA_BASE;
-        let mut mappings = Vec::new();
-        map_pool(&mut vfio, &ring_pool, &mut iova_next, &mut mappings)?;
+        let mut space = IovaSpace {
+            next: IOVA_BASE,
+            mappings: Vec::new(),
+        };
+        space.map(&vfio, &ring_pool)?;
+        let mappings = &space.mappings;
         let bar = vfio.bar0();
         let cap = Cap::decode(bar.read64(reg::CAP));
         if !cap.nvm_command_set || cap.page_size_min_bytes > PAGE_BYTES as u64 {
@@ -257,7 +273,7 @@ impl NvmeController {
         // Reset, then bring the controller up with the admin queue.
         disable(bar, &cap).map_err(|e| nvme_err(address, e))?;
         let (asq, acq) = (alloc(&ring_pool)?, alloc(&ring_pool)?);
-        let (asq_iova, acq_iova) = (iova_in(&mappings, &asq)?, iova_in(&mappings, &acq)?);
+        let (asq_iova, acq_iova) = (iova_in(mappings, &asq)?, iova_in(mappings, &acq)?);
         let rings = Rings::new(asq, acq, ADMIN_ENTRIES, 0, cap.doorbell_stride_bytes);
         let entries0 = u32::from(ADMIN_ENTRIES) - 1;
         bar.write32(reg::AQA, entries0 | (entries0 << 16));
@@ -273,15 +289,11 @@ impl NvmeController {
             next_cid: 0,
         };
 
-        let ctrl_id = IdentifyController::decode(&adm.identify(
-            &vfio,
-            &mappings,
-            admin::CNS_CONTROLLER,
-            0,
-        )?);
+        let ctrl_id =
+            IdentifyController::decode(&adm.identify(&vfio, mappings, admin::CNS_CONTROLLER, 0)?);
         let ns = IdentifyNamespace::decode(&adm.identify(
             &vfio,
-            &mappings,
+            mappings,
             admin::CNS_NAMESPACE,
             opts.nsid,
         )?);
@@ -319,38 +331,30 @@ impl NvmeController {
             return Err(nvme_err(address, format!("controller grants {granted} I/O queue pairs, {queues} needed (one per dataplane core)")));
         }
 
-        // Every data pool is mapped; a request's commands are sized to the biggest buffer.
-        let buf_max = pools
-            .iter()
-            .map(|p| p.buf_size())
-            .max()
-            .unwrap_or(PAGE_BYTES);
-        let commands_per_request = buf_max.div_ceil(command_bytes_max as usize).max(1);
-        let entries = cap.queue_entries_max.min(IO_QUEUE_ENTRIES_MAX);
-        let depth = (opts.queue_depth as usize).min((entries as usize - 1) / commands_per_request);
-        if depth == 0 {
-            return Err(nvme_err(address, format!(
-                "queues of {entries} entries cannot hold one request of {buf_max} bytes in {command_bytes_max}-byte commands"
-            )));
-        }
+        // Command ids are a per-queue budget shared by all requests: a request takes one
+        // per command as they free up, so any size works and a full budget only delays.
+        let entries = cap
+            .queue_entries_max
+            .min(IO_QUEUE_ENTRIES_MAX)
+            .min(opts.queue_entries.max(2));
+        let commands_max = entries as usize - 1;
+        let depth = (opts.queue_depth as usize).min(commands_max);
         let prp_pool = DmaPool::new(
             "nvme-prp",
             PAGE_BYTES,
-            queues * depth * commands_per_request,
+            queues * commands_max,
             PagePolicy::PreferHuge,
         )?;
-        map_pool(&mut vfio, &prp_pool, &mut iova_next, &mut mappings)?;
-        for p in pools {
-            if !mappings.iter().any(|m| m.pool_id == p.id()) {
-                map_pool(&mut vfio, p, &mut iova_next, &mut mappings)?;
-            }
+        for p in std::iter::once(&prp_pool).chain(pools) {
+            space.map(&vfio, p)?;
         }
+        let mappings = &space.mappings;
 
         let mut rings = Vec::with_capacity(queues);
         for q in 0..queues {
             let qid = (q + 1) as u16;
             let (sq, cq) = (alloc(&ring_pool)?, alloc(&ring_pool)?);
-            let (sq_iova, cq_iova) = (iova_in(&mappings, &sq)?, iova_in(&mappings, &cq)?);
+            let (sq_iova, cq_iova) = (iova_in(mappings, &sq)?, iova_in(mappings, &cq)?);
             let size0 = entries - 1;
             adm.command(
                 &vfio,
@@ -368,12 +372,12 @@ impl NvmeController {
                     .cdw(11, 1 | (u32::from(qid) << 16)),
                 "create I/O submission queue",
             )?;
-            let prp: Vec<DmaBuf> = (0..depth * commands_per_request)
+            let prp: Vec<DmaBuf> = (0..commands_max)
                 .map(|_| alloc(&prp_pool))
                 .collect::<Result<_, _>>()?;
             let prp_iova = prp
                 .iter()
-                .map(|b| iova_in(&mappings, b))
+                .map(|b| iova_in(mappings, b))
                 .collect::<Result<Vec<_>, _>>()?;
             rings.push((
                 qid,
@@ -397,9 +401,10 @@ impl NvmeController {
             volatile_write_cache: ctrl_id.volatile_write_cache,
         };
         tracing::info!(?facts, queues, depth, "nvme controller ready");
+        let known = space.mappings.clone();
         let ctrl = Arc::new(NvmeController {
             vfio,
-            mappings,
+            iova: Mutex::new(space),
             cap,
             facts,
             nsid: opts.nsid,
@@ -419,13 +424,16 @@ impl NvmeController {
             .map(|(qid, rings, prp, prp_iova)| NvmeQueue {
                 ctrl: Arc::clone(&ctrl),
                 info: info.clone(),
+                mappings: known.clone(),
                 qid,
                 rings,
                 prp: prp.into_boxed_slice(),
                 prp_iova: prp_iova.into_boxed_slice(),
                 ops: (0..depth).map(|_| Op::default()).collect(),
                 free: (0..depth as u16).rev().collect(),
-                commands_per_request: commands_per_request as u16,
+                waiting: VecDeque::with_capacity(depth),
+                cid_free: (0..commands_max as u16).rev().collect(),
+                cid_slot: vec![CID_FREE; commands_max].into_boxed_slice(),
                 command_bytes_max,
                 sq_pending: false,
                 idle_polls: 0,
@@ -445,8 +453,10 @@ impl NvmeController {
         self.failure.lock().ok().and_then(|f| f.clone())
     }
 
-    fn iova_of(&self, buf: &DmaBuf) -> Result<u64, Error> {
-        iova_in(&self.mappings, buf)
+    /// Maps `pool` for the device (once per controller; later calls return the mapping).
+    fn map_pool(&self, pool: &Arc<DmaPool>) -> Result<Mapping, Error> {
+        let mut space = self.iova.lock().unwrap_or_else(|p| p.into_inner());
+        space.map(&self.vfio, pool)
     }
 
     /// Marks the controller failed and disables it, which stops its DMA: after this
@@ -488,24 +498,39 @@ impl Drop for NvmeController {
     }
 }
 
-/// Maps `pool`'s whole region at the next free IOVA.
-fn map_pool(
-    vfio: &mut VfioDevice,
-    pool: &Arc<DmaPool>,
-    iova_next: &mut u64,
-    mappings: &mut Vec<Mapping>,
-) -> Result<(), Error> {
-    let r = pool.region();
-    let iova = *iova_next;
-    vfio.map_pool(pool, iova)?;
-    *iova_next = (iova + r.len as u64).next_multiple_of(2 << 20);
-    mappings.push(Mapping {
-        pool_id: pool.id(),
-        addr: r.addr,
-        len: r.len,
-        iova,
-    });
-    Ok(())
+/// The device's bus address space: pools mapped at increasing IOVAs.
+#[derive(Debug)]
+struct IovaSpace {
+    next: u64,
+    mappings: Vec<Mapping>,
+}
+
+impl IovaSpace {
+    /// Maps `pool`'s whole region at the next free IOVA, or returns its mapping.
+    fn map(&mut self, vfio: &VfioDevice, pool: &Arc<DmaPool>) -> Result<Mapping, Error> {
+        if let Some(m) = self.mappings.iter().find(|m| m.pool_id == pool.id()) {
+            return Ok(*m);
+        }
+        if self.mappings.len() >= MAPPED_POOLS_MAX {
+            return Err(Error::Nvme(format!(
+                "{}: {MAPPED_POOLS_MAX} buffer pools are mapped already; not mapping pool '{}'",
+                vfio.bdf(),
+                pool.name()
+            )));
+        }
+        let r = pool.region();
+        let m = Mapping {
+            pool_id: pool.id(),
+            addr: r.addr,
+            len: r.len,
+            iova: self.next,
+        };
+        vfio.map_pool(pool, m.iova)?;
+        // 2 MiB apart, so hugepage-backed pools can use large IOMMU pages.
+        self.next = (m.iova + r.len as u64).next_multiple_of(2 << 20);
+        self.mappings.push(m);
+        Ok(m)
+    }
 }
 
 fn iova_in(mappings: &[Mapping], buf: &DmaBuf) -> Result<u64, Error> {
@@ -630,9 +655,15 @@ impl Admin {
 #[derive(Debug, Default)]
 struct Op {
     tag: u64,
+    kind: Option<IoKind>,
+    offset: u64,
+    len: u32,
+    iova: u64,
     buf: Option<DmaBuf>,
-    /// Commands of this request not yet completed; 0 when the slot is free.
-    remaining: u16,
+    /// Bytes whose commands are in the submission queue.
+    issued: u32,
+    /// Commands of this request not yet completed (issued or not); 0: the slot is free.
+    remaining: u32,
     error: Option<Error>,
 }
 
@@ -641,14 +672,20 @@ struct Op {
 pub struct NvmeQueue {
     ctrl: Arc<NvmeController>,
     info: DeviceInfo,
+    /// This queue's copy of the controller's mappings: found here without a lock.
+    mappings: Vec<Mapping>,
     qid: u16,
     rings: Rings,
-    /// One PRP list page per command id (request slot * commands_per_request + j).
+    /// One PRP list page per command id.
     prp: Box<[DmaBuf]>,
     prp_iova: Box<[u64]>,
     ops: Box<[Op]>,
     free: Vec<u16>,
-    commands_per_request: u16,
+    /// Requests with commands not yet issued, oldest first (at most one per slot).
+    waiting: VecDeque<u16>,
+    cid_free: Vec<u16>,
+    /// The request slot of each command id in use, `CID_FREE` otherwise.
+    cid_slot: Box<[u16]>,
     command_bytes_max: u32,
     /// Commands were pushed since the last doorbell.
     sq_pending: bool,
@@ -670,27 +707,41 @@ impl NvmeQueue {
         self.stray_completions
     }
 
-    /// Writes the commands of `req` (already validated) into slot `slot`.
-    fn push_commands(&mut self, slot: u16, req: &IoRequest, iova: u64) -> u16 {
-        let first_cid = slot * self.commands_per_request;
-        let nsid = self.ctrl.nsid;
-        if req.kind == IoKind::Flush {
-            self.rings.push(&Sqe::new(io::FLUSH, first_cid, nsid));
-            return 1;
+    /// The bus address of `buf`. A pool seen for the first time is mapped (one ioctl,
+    /// then never again): the store's own metadata pools need no registration.
+    fn iova_of(&mut self, buf: &DmaBuf) -> Result<u64, Error> {
+        if !self.mappings.iter().any(|m| m.pool_id == buf.pool_id()) {
+            let m = self.ctrl.map_pool(buf.pool())?;
+            self.mappings.push(m);
         }
-        let (opcode, fua) = match req.kind {
-            IoKind::Read => (io::READ, false),
-            IoKind::WriteDurable => (io::WRITE, true),
-            _ => (io::WRITE, false),
-        };
+        iova_in(&self.mappings, buf)
+    }
+
+    /// Issues commands of waiting requests, oldest first, while command ids are free.
+    fn issue_waiting(&mut self) {
+        let nsid = self.ctrl.nsid;
         let shift = self.ctrl.lba_shift;
-        let mut done = 0u32;
-        let mut n = 0u16;
-        while done < req.len {
-            let piece = (req.len - done).min(self.command_bytes_max);
-            let cid = first_cid + n;
+        while let Some(&slot) = self.waiting.front() {
+            let Some(cid) = self.cid_free.pop() else {
+                return;
+            };
+            let op = &mut self.ops[usize::from(slot)];
+            self.cid_slot[usize::from(cid)] = slot;
+            self.sq_pending = true;
+            let kind = op.kind.expect("a waiting request has a kind");
+            if kind == IoKind::Flush {
+                self.rings.push(&Sqe::new(io::FLUSH, cid, nsid));
+                self.waiting.pop_front();
+                continue;
+            }
+            let (opcode, fua) = match kind {
+                IoKind::Read => (io::READ, false),
+                IoKind::WriteDurable => (io::WRITE, true),
+                _ => (io::WRITE, false),
+            };
+            let piece = (op.len - op.issued).min(self.command_bytes_max);
             let pages = piece / PAGE_BYTES as u32;
-            let at = iova + u64::from(done);
+            let at = op.iova + u64::from(op.issued);
             if pages > 2 {
                 let list = self.prp[usize::from(cid)].as_mut_slice();
                 for i in 1..pages {
@@ -699,18 +750,14 @@ impl NvmeQueue {
                 }
             }
             let (prp1, prp2) = spec::prp_pair(at, pages, self.prp_iova[usize::from(cid)]);
-            let lba = (req.offset + u64::from(done)) >> shift;
+            let lba = (op.offset + u64::from(op.issued)) >> shift;
             let sqe = spec::rw_command(opcode, cid, nsid, lba, piece >> shift, fua).prp(prp1, prp2);
             self.rings.push(&sqe);
-            done += piece;
-            n += 1;
+            op.issued += piece;
+            if op.issued == op.len {
+                self.waiting.pop_front();
+            }
         }
-        assert!(
-            n <= self.commands_per_request,
-            "request split into {n} commands, slot has {}",
-            self.commands_per_request
-        );
-        n
     }
 
     /// Completes every outstanding request with the controller's failure. Only called
@@ -720,6 +767,13 @@ impl NvmeQueue {
             .ctrl
             .failure()
             .unwrap_or_else(|| "controller failed".into());
+        self.waiting.clear();
+        for (cid, slot) in self.cid_slot.iter_mut().enumerate() {
+            if *slot != CID_FREE {
+                *slot = CID_FREE;
+                self.cid_free.push(cid as u16);
+            }
+        }
         let mut n = 0;
         for (slot, op) in self.ops.iter_mut().enumerate() {
             if op.remaining > 0 {
@@ -787,7 +841,7 @@ impl BlockDevice for NvmeQueue {
         if let Err(e) = validate(&self.info, &req) {
             return Err((e, req));
         }
-        let iova = match req.buf.as_ref().map(|b| self.ctrl.iova_of(b)) {
+        let iova = match req.buf.as_ref().map(|b| self.iova_of(b)) {
             Some(Err(e)) => return Err((e, req)),
             Some(Ok(i)) => i,
             None => 0,
@@ -795,16 +849,25 @@ impl BlockDevice for NvmeQueue {
         let Some(slot) = self.free.pop() else {
             return Err((Error::Busy, req));
         };
-        let commands = self.push_commands(slot, &req, iova);
-        self.sq_pending = true;
+        let commands = match req.kind {
+            IoKind::Flush => 1,
+            _ => req.len.div_ceil(self.command_bytes_max),
+        };
         let op = &mut self.ops[usize::from(slot)];
-        debug_assert_eq!(op.remaining, 0, "a free slot has no commands");
+        assert_eq!(op.remaining, 0, "a free slot has no commands");
         *op = Op {
             tag: req.tag,
+            kind: Some(req.kind),
+            offset: req.offset,
+            len: req.len,
+            iova,
             buf: req.buf,
+            issued: 0,
             remaining: commands,
             error: None,
         };
+        self.waiting.push_back(slot);
+        self.issue_waiting();
         Ok(())
     }
 
@@ -823,11 +886,20 @@ impl BlockDevice for NvmeQueue {
         while reaped < usize::from(self.rings.entries) {
             let Some(c) = self.rings.pop() else { break };
             reaped += 1;
-            let slot = usize::from(c.cid / self.commands_per_request);
-            let Some(op) = self.ops.get_mut(slot).filter(|op| op.remaining > 0) else {
-                self.stray_completions += 1;
-                continue;
+            let slot = match self.cid_slot.get(usize::from(c.cid)) {
+                Some(&s) if s != CID_FREE => s,
+                _ => {
+                    self.stray_completions += 1;
+                    continue;
+                }
             };
+            self.cid_slot[usize::from(c.cid)] = CID_FREE;
+            self.cid_free.push(c.cid);
+            let op = &mut self.ops[usize::from(slot)];
+            assert!(
+                op.remaining > 0,
+                "a command in use belongs to a request in flight"
+            );
             if !c.ok() && op.error.is_none() {
                 op.error = Some(Error::Nvme(format!(
                     "{}: command {} failed: {}",
@@ -843,12 +915,14 @@ impl BlockDevice for NvmeQueue {
                     result: op.error.take().map_or(Ok(()), Err),
                     buf: op.buf.take(),
                 });
-                self.free.push(slot as u16);
+                self.free.push(slot);
                 finished += 1;
             }
         }
         if reaped > 0 {
             self.rings.ring_cq(bar);
+            // Freed command ids let waiting requests go on; rung at the next poll.
+            self.issue_waiting();
             self.idle_polls = 0;
             self.stalled_since = None;
         } else if self.in_flight() > 0 {

@@ -32,7 +32,7 @@ fn read_trim(p: &Path) -> Option<String> {
 }
 
 fn sysfs_err(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::Unsupported(format!("{what} ({}): {e}", path.display()))
+    Error::Nvme(format!("{what} ({}): {e}", path.display()))
 }
 
 /// Checks that `address` looks like a PCI address, so it is never used to build an
@@ -49,7 +49,7 @@ pub fn check_address(address: &str) -> Result<(), Error> {
         && b[10] == b'.'
         && (b'0'..=b'7').contains(&b[11]);
     if !ok {
-        return Err(Error::BadRequest(format!(
+        return Err(Error::Nvme(format!(
             "'{address}' is not a PCI address (expected DDDD:BB:DD.F, e.g. 0000:00:04.0)"
         )));
     }
@@ -60,8 +60,8 @@ fn function(address: &str) -> Result<PciFunction, Error> {
     check_address(address)?;
     let dir = sysfs_root().join("devices").join(address);
     if !dir.exists() {
-        return Err(Error::BadRequest(format!(
-            "no PCI function {address} ({} missing)",
+        return Err(Error::Nvme(format!(
+            "{address}: no such PCI function ({} is missing)",
             dir.display()
         )));
     }
@@ -136,14 +136,14 @@ pub fn bind_vfio(address: &str) -> Result<PciFunction, Error> {
         return Ok(f);
     }
     if !sysfs_root().join("drivers/vfio-pci").exists() {
-        return Err(Error::Unsupported(
+        return Err(Error::Nvme(
             "the vfio-pci driver is not loaded: run `modprobe vfio-pci` (and boot with \
              intel_iommu=on or amd_iommu=on)"
                 .into(),
         ));
     }
     if f.iommu_group.is_none() {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::Nvme(format!(
             "{address} has no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on)"
         )));
     }
@@ -153,7 +153,7 @@ pub fn bind_vfio(address: &str) -> Result<PciFunction, Error> {
     write(&sysfs_root().join("drivers_probe"), address)?;
     let now = function(address)?;
     if now.driver != "vfio-pci" {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::Nvme(format!(
             "{address}: vfio-pci did not take the device (driver is now '{}')",
             now.driver
         )));
@@ -200,7 +200,7 @@ mod tests {
         assert!(bind_vfio("0000:ff:1f.7")
             .unwrap_err()
             .to_string()
-            .contains("no PCI function"));
+            .contains("no such PCI function"));
     }
 
     #[test]
