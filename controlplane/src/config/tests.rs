@@ -89,10 +89,10 @@ fn uring_needs_a_path() {
 #[test]
 fn unknown_backend_is_named() {
     assert_has(
-        &problems("[device]\nbackend = \"nvme\"\n"),
+        &problems("[device]\nbackend = \"spdk\"\n"),
         &[
             "device.backend",
-            "unknown variant `nvme`",
+            "unknown variant `spdk`",
             "`uring`",
             "`mem`",
             "(line 2)",
@@ -682,5 +682,26 @@ fn s3_section_is_checked_with_its_keys() {
     assert_has(
         &device("[blob]\nbackend = \"azure\"\ncontainer = \"c\"\nregion = \"x\"\n"),
         &["blob.region: only for backend = \"s3\""],
+    );
+}
+
+#[test]
+fn nvme_backend_needs_a_valid_pci_address() {
+    let nvme = "[device]\nbackend = \"nvme\"\npci_address = \"0000:00:04.0\"\n";
+    let c = Config::from_toml_str(nvme).unwrap();
+    assert_eq!(c.device.backend, DeviceBackend::Nvme);
+    assert_eq!(c.device.nsid, 1);
+    assert_eq!(c.device.io_timeout_ms, 30_000);
+    assert_has(
+        &problems("[device]\nbackend = \"nvme\"\n"),
+        &["device.pci_address: required when device.backend = \"nvme\""],
+    );
+    assert_has(
+        &problems("[device]\nbackend = \"nvme\"\npci_address = \"../../etc\"\n"),
+        &["device.pci_address = \"../../etc\"", "not a PCI address"],
+    );
+    assert_has(
+        &problems(&format!("{nvme}nsid = 0\nio_timeout_ms = 5\n")),
+        &["device.nsid", "device.io_timeout_ms"],
     );
 }
