@@ -393,3 +393,84 @@ fn wait_for_block_device(address: &str) -> std::path::PathBuf {
     }
     panic!("the kernel's nvme driver did not create a block device for {address}");
 }
+
+/// A controller that fails (here: a queue closed with requests in flight, which must
+/// stop the device before those buffers go back to their pool) fails every request in
+/// flight on every queue with the reason, hands every buffer back, refuses new
+/// requests, and a reopen brings the device back.
+#[test]
+fn nvme_a_failed_controller_fails_every_request_and_refuses_more() {
+    let Some(address) = in_guest() else {
+        return run_in_guest(
+            "nvme_a_failed_controller_fails_every_request_and_refuses_more",
+            DISK_MIB,
+        );
+    };
+    bind(&address);
+    let pool = DmaPool::new("fail", 64 << 10, 16, PagePolicy::PreferHuge).unwrap();
+    let mut queues =
+        NvmeController::open(&address, 2, &nvme_opts(8), std::slice::from_ref(&pool)).unwrap();
+    let mut q1 = queues.pop().unwrap();
+    let mut q0 = queues.pop().unwrap();
+    for i in 0..4u64 {
+        q0.submit(req(
+            i,
+            IoKind::Write,
+            i * (64 << 10),
+            64 << 10,
+            pool.alloc(),
+        ))
+        .unwrap_or_else(|(e, _)| panic!("{e}"));
+        q1.submit(req(
+            10 + i,
+            IoKind::Read,
+            i * (64 << 10),
+            64 << 10,
+            pool.alloc(),
+        ))
+        .unwrap_or_else(|(e, _)| panic!("{e}"));
+    }
+    // q1's requests are queued, not yet completed: closing it must stop the device
+    // before their buffers go back to the pool, which fails the controller.
+    assert_eq!(q1.in_flight(), 4);
+    drop(q1);
+    let reason = q0.controller().failure().expect("the controller failed");
+    assert!(
+        reason.contains("closed with 4 request(s) in flight"),
+        "{reason}"
+    );
+    let mut done = Vec::with_capacity(8);
+    let t0 = std::time::Instant::now();
+    while done.len() < 4 {
+        q0.poll(&mut done);
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "failed requests never completed"
+        );
+    }
+    assert_eq!(done.len(), 4);
+    for c in done.drain(..) {
+        let e = c.result.expect_err("a failed controller fails the request");
+        assert!(e.to_string().contains("closed with"), "{e}");
+        assert!(c.buf.is_some(), "the buffer comes back");
+    }
+    assert_eq!(q0.in_flight(), 0);
+    let (e, back) = q0
+        .submit(req(99, IoKind::Read, 0, 4096, pool.alloc()))
+        .expect_err("a failed controller takes no requests");
+    assert!(e.to_string().contains("controller failed"), "{e}");
+    drop(back);
+    drop(q0);
+    assert_eq!(
+        pool.available(),
+        pool.count(),
+        "every buffer is back in the pool"
+    );
+
+    let mut q = NvmeController::open(&address, 1, &nvme_opts(8), std::slice::from_ref(&pool))
+        .unwrap()
+        .remove(0);
+    one(&mut q, req(1, IoKind::Read, 0, 64 << 10, pool.alloc()))
+        .result
+        .unwrap();
+}

@@ -20,14 +20,14 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${SPOOL_VMLAB_DIR:-${SPOOL_TOOLS_DIR:-/opt/spool-tools}/vmlab}"
 
 # The guest's modules, loaded by /init in this order (each with its dependencies):
-# 9p over virtio to reach the host's files, VFIO for the userspace NVMe driver, FUSE for
+# 9p over virtio to reach the host's files, overlay for a writable /tmp over the host's, VFIO for the userspace NVMe driver, FUSE for
 # Spool's mount (the kernel's nvme driver is there to compare against, loaded by a job
 # when it wants it),
 # soft-RoCE for the RDMA transport, veth and netem for network tests.
-modules=(virtio_pci 9pnet_virtio 9p vfio-pci vfio_iommu_type1 fuse nvme crc32_generic
+modules=(virtio_pci 9pnet_virtio 9p overlay vfio-pci vfio_iommu_type1 fuse nvme crc32_generic
     rdma_rxe ib_uverbs rdma_ucm veth sch_netem)
 # Loaded at boot; the rest only when a job asks (modprobe works in the job's chroot).
-boot_modules=(virtio_pci 9pnet_virtio 9p vfio-pci vfio_iommu_type1 fuse)
+boot_modules=(virtio_pci 9pnet_virtio 9p overlay vfio-pci vfio_iommu_type1 fuse)
 
 say() { printf 'vmlab: %s\n' "$*" >&2; }
 die() {

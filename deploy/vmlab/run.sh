@@ -7,8 +7,9 @@
 # under qemu (TCG: KVM does not work on this project's machines) on a q35 machine with a
 # virtual Intel IOMMU, sees the host's root read-only over 9p and runs COMMAND there,
 # chrooted, in the current directory: host binaries (test binaries, spool) run as they
-# are, with the host's libraries. /tmp in the guest is the guest's own tmpfs. A job
-# loads more of the guest's modules with `modprobe -d /tmp/vmlab-root MODULE`.
+# are, with the host's libraries. The guest's /tmp shows the host's /tmp under a layer
+# of the guest's own memory (a checkout there works; the guest's writes never reach the
+# host). A job loads more of the guest's modules with `modprobe -d /tmp/vmlab-root MOD`.
 #
 # Options:
 #   --nvme SIZE_MIB    attach an emulated NVMe controller with a fresh SIZE_MIB disk at
