@@ -54,6 +54,15 @@ pub struct UringConfig {
 }
 
 /// One in-flight operation.
+/// What `push_fallocate` does to its range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FallocMode {
+    /// The range reads as zeros afterwards.
+    ZeroRange,
+    /// The range is released (reads as zeros on files; discarded on devices).
+    PunchHole,
+}
+
 struct Slot {
     tag: u64,
     buf: Option<DmaBuf>,
@@ -267,6 +276,44 @@ impl Uring {
                 .1
                 .expect("a read/write slot holds its buffer");
             return Err((e, buf));
+        }
+        Ok(())
+    }
+
+    /// Queues an fallocate of `len` bytes at `offset` that zeroes the range
+    /// (`FALLOC_FL_ZERO_RANGE`) or releases it (`FALLOC_FL_PUNCH_HOLE`), keeping the
+    /// size. Both work on regular files of the usual filesystems and on block devices
+    /// (where they become write-zeroes and discard).
+    pub fn push_fallocate(
+        &mut self,
+        tag: u64,
+        offset: u64,
+        len: u64,
+        mode: FallocMode,
+    ) -> Result<(), Error> {
+        let Some(slot) = self.free.pop() else {
+            return Err(Error::RingFull {
+                in_flight: self.in_flight(),
+            });
+        };
+        let mode = libc::FALLOC_FL_KEEP_SIZE
+            | match mode {
+                FallocMode::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
+                FallocMode::PunchHole => libc::FALLOC_FL_PUNCH_HOLE,
+            };
+        let entry = opcode::Fallocate::new(types::Fd(self.file.as_raw_fd()), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
+        self.slots[slot as usize] = Slot {
+            tag,
+            buf: None,
+            busy: true,
+        };
+        // SAFETY: an fallocate touches no memory of ours.
+        if let Err(e) = unsafe { self.push_entry(entry.user_data(u64::from(slot))) } {
+            self.release(slot);
+            return Err(e);
         }
         Ok(())
     }

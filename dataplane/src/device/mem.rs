@@ -216,6 +216,19 @@ impl MemDevice {
     }
 
     fn execute(st: &mut MemState, req: &mut IoRequest) -> Result<(), Error> {
+        /// The bytes a mutating request leaves in its range.
+        fn written(req: &IoRequest) -> Vec<u8> {
+            let len = req.len as usize;
+            match req.kind {
+                IoKind::Write | IoKind::WriteDurable => req
+                    .buf
+                    .as_ref()
+                    .expect("validated: write has a buffer")
+                    .as_slice()[..len]
+                    .to_vec(),
+                _ => vec![0; len],
+            }
+        }
         if req.kind == IoKind::Read {
             if let Some(errno) = st.fail_reads {
                 return Err(Error::Io { errno });
@@ -236,16 +249,10 @@ impl MemDevice {
             st.dead = true;
             // A write in progress at the crash may reach the media whole, in part or
             // not at all: it joins the unflushed writes the crash image decides on.
-            if matches!(req.kind, IoKind::Write | IoKind::WriteDurable) {
-                let (off, len) = (req.offset as usize, req.len as usize);
-                let data = req
-                    .buf
-                    .as_ref()
-                    .expect("validated: write has a buffer")
-                    .as_slice()[..len]
-                    .to_vec();
+            if req.kind != IoKind::Flush {
+                let data = written(req);
                 st.unflushed.push(Unflushed {
-                    offset: off,
+                    offset: req.offset as usize,
                     data,
                     durable: false,
                 });
@@ -259,21 +266,18 @@ impl MemDevice {
             }
         }
         match req.kind {
-            IoKind::Write | IoKind::WriteDurable => {
+            // Deallocated blocks read back as zeros here (one of the allowed outcomes).
+            IoKind::Write | IoKind::WriteDurable | IoKind::WriteZeroes | IoKind::Deallocate => {
                 let (off, len) = (req.offset as usize, req.len as usize);
                 let durable = req.kind == IoKind::WriteDurable;
-                let data = &req
-                    .buf
-                    .as_ref()
-                    .expect("validated: write has a buffer")
-                    .as_slice()[..len];
-                st.current[off..off + len].copy_from_slice(data);
+                let data = written(req);
+                st.current[off..off + len].copy_from_slice(&data);
                 if durable {
-                    st.durable[off..off + len].copy_from_slice(data);
+                    st.durable[off..off + len].copy_from_slice(&data);
                 }
                 st.unflushed.push(Unflushed {
                     offset: off,
-                    data: data.to_vec(),
+                    data,
                     durable,
                 });
             }

@@ -23,6 +23,20 @@ pub enum IoKind {
     WriteDurable,
     /// Make every write completed before this flush was submitted durable.
     Flush,
+    /// Make the range read as zeros (NVMe Write Zeroes; fallocate ZERO_RANGE). Takes
+    /// no buffer (one given comes back). Durable like a plain write: after a flush.
+    WriteZeroes,
+    /// The range's contents are no longer needed (NVMe deallocate, i.e. TRIM; fallocate
+    /// PUNCH_HOLE): afterwards each block reads back as zeros or as its old bytes. Takes
+    /// no buffer (one given comes back).
+    Deallocate,
+}
+
+impl IoKind {
+    /// Whether the request carries data in its buffer.
+    pub fn has_data(self) -> bool {
+        matches!(self, IoKind::Read | IoKind::Write | IoKind::WriteDurable)
+    }
 }
 
 /// One device request. `offset` and `len` are multiples of the device's block size;
@@ -103,35 +117,35 @@ pub trait BlockDevice: Send + std::fmt::Debug {
 /// reaches the hardware.
 pub fn validate(info: &DeviceInfo, req: &IoRequest) -> Result<(), Error> {
     let bs = u64::from(info.block_size);
-    match req.kind {
-        IoKind::Flush => Ok(()),
-        IoKind::Read | IoKind::Write | IoKind::WriteDurable => {
-            let Some(buf) = req.buf.as_ref() else {
-                return Err(Error::BadRequest("read/write without a buffer".into()));
-            };
-            if req.len == 0 || u64::from(req.len) % bs != 0 || req.offset % bs != 0 {
-                return Err(Error::BadRequest(format!(
-                    "offset {} len {} not multiples of block size {}",
-                    req.offset, req.len, bs
-                )));
-            }
-            if req.len as usize > buf.capacity() {
-                return Err(Error::BadRequest(format!(
-                    "len {} exceeds buffer capacity {}",
-                    req.len,
-                    buf.capacity()
-                )));
-            }
-            let end = req.offset.checked_add(u64::from(req.len));
-            if end.is_none_or(|e| e > info.size_bytes) {
-                return Err(Error::BadRequest(format!(
-                    "range {}+{} beyond device size {}",
-                    req.offset, req.len, info.size_bytes
-                )));
-            }
-            Ok(())
+    if req.kind == IoKind::Flush {
+        return Ok(());
+    }
+    if req.kind.has_data() {
+        let Some(buf) = req.buf.as_ref() else {
+            return Err(Error::BadRequest("read/write without a buffer".into()));
+        };
+        if req.len as usize > buf.capacity() {
+            return Err(Error::BadRequest(format!(
+                "len {} exceeds buffer capacity {}",
+                req.len,
+                buf.capacity()
+            )));
         }
     }
+    if req.len == 0 || u64::from(req.len) % bs != 0 || req.offset % bs != 0 {
+        return Err(Error::BadRequest(format!(
+            "offset {} len {} not multiples of block size {}",
+            req.offset, req.len, bs
+        )));
+    }
+    let end = req.offset.checked_add(u64::from(req.len));
+    if end.is_none_or(|e| e > info.size_bytes) {
+        return Err(Error::BadRequest(format!(
+            "range {}+{} beyond device size {}",
+            req.offset, req.len, info.size_bytes
+        )));
+    }
+    Ok(())
 }
 
 /// Runs one request to completion on a device, spinning on `poll`. For start-up,

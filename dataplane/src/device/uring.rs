@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use spool_ffi::blkdev;
-use spool_ffi::uring::{Uring, UringConfig};
+use spool_ffi::uring::{FallocMode, Uring, UringConfig};
 use spool_hugepages::{DmaBuf, DmaPool};
 
 use super::{validate, BlockDevice, DeviceInfo, IoCompletion, IoKind, IoRequest};
@@ -143,6 +143,25 @@ impl BlockDevice for UringDevice {
                     req.buf = self.ops[index as usize].flush_buf.take();
                     Error::from(e)
                 })
+            }
+            // Zeroing and deallocating are fallocate calls; a buffer given comes back.
+            (kind @ (IoKind::WriteZeroes | IoKind::Deallocate), buf) => {
+                self.ops[index as usize] = Op {
+                    tag: req.tag,
+                    len: 0,
+                    flush_buf: buf,
+                };
+                let mode = if kind == IoKind::WriteZeroes {
+                    FallocMode::ZeroRange
+                } else {
+                    FallocMode::PunchHole
+                };
+                self.ring
+                    .push_fallocate(tag, req.offset, u64::from(req.len), mode)
+                    .map_err(|e| {
+                        req.buf = self.ops[index as usize].flush_buf.take();
+                        Error::from(e)
+                    })
             }
             (kind, Some(buf)) => {
                 self.ops[index as usize] = Op {

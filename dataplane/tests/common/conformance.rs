@@ -36,6 +36,7 @@ pub fn run_conformance(dev: &mut dyn BlockDevice, pool: &Arc<DmaPool>) {
     round_trips(dev, pool);
     many_in_flight(dev, pool);
     flush_completes(dev, pool);
+    zeroes_and_deallocate(dev, pool);
     rejects_bad_requests(dev, pool);
     assert_eq!(dev.in_flight(), 0);
 }
@@ -185,13 +186,82 @@ pub fn flush_completes(dev: &mut dyn BlockDevice, pool: &Arc<DmaPool>) {
     assert_eq!(tags, [2, 3]);
 }
 
+/// Write Zeroes makes exactly its range read as zeros; Deallocate leaves each block
+/// reading as zeros or as its old bytes; neither needs a buffer, and one given comes
+/// back. Both work across a range bigger than any buffer.
+pub fn zeroes_and_deallocate(dev: &mut dyn BlockDevice, pool: &Arc<DmaPool>) {
+    let bs = dev.info().block_size;
+    let base = 2 << 20;
+    let mut w = pool.alloc().expect("free buffer");
+    fill(501, &mut w.as_mut_slice()[..4 * bs as usize]);
+    one(dev, req(1, IoKind::Write, base, 4 * bs, Some(w)))
+        .result
+        .expect("write");
+    let c = one(
+        dev,
+        req(2, IoKind::WriteZeroes, base + u64::from(bs), 2 * bs, None),
+    );
+    c.result.expect("write zeroes");
+    assert!(c.buf.is_none());
+    let read = |dev: &mut dyn BlockDevice| {
+        let c = one(dev, req(3, IoKind::Read, base, 4 * bs, pool.alloc()));
+        c.result.expect("read");
+        c.buf.expect("buffer").as_slice()[..4 * bs as usize].to_vec()
+    };
+    let mut want = vec![0u8; 4 * bs as usize];
+    fill(501, &mut want);
+    want[bs as usize..3 * bs as usize].fill(0);
+    assert!(
+        read(dev) == want,
+        "write zeroes changed exactly its two blocks"
+    );
+
+    // A buffer given comes back; a range far bigger than a buffer is one request.
+    let c = one(dev, req(4, IoKind::Deallocate, base, 4 * bs, pool.alloc()));
+    c.result.expect("deallocate");
+    assert!(c.buf.is_some(), "the buffer given comes back");
+    let after = read(dev);
+    for (i, (got, old)) in after
+        .chunks(bs as usize)
+        .zip(want.chunks(bs as usize))
+        .enumerate()
+    {
+        assert!(
+            got.iter().all(|&b| b == 0) || got == old,
+            "deallocated block {i} reads as neither zeros nor its old bytes"
+        );
+    }
+    let big = (dev.info().size_bytes / 2).min(64 << 20) as u32 / bs * bs;
+    one(dev, req(5, IoKind::WriteZeroes, 0, big, None))
+        .result
+        .expect("write zeroes of many MiB");
+    one(dev, req(6, IoKind::Deallocate, 0, big, None))
+        .result
+        .expect("deallocate of many MiB");
+    let c = one(
+        dev,
+        req(
+            7,
+            IoKind::Read,
+            u64::from(big) - u64::from(bs),
+            bs,
+            pool.alloc(),
+        ),
+    );
+    c.result.expect("read");
+    // After zeroing, deallocation may only leave zeros (zeros or the old bytes).
+    assert!(c.buf.expect("buffer").as_slice()[..bs as usize]
+        .iter()
+        .all(|&b| b == 0));
+}
+
 /// Malformed requests are refused at submit with `BadRequest`, the request (and its
 /// buffer) handed back, nothing queued, and the device still works afterwards.
 pub fn rejects_bad_requests(dev: &mut dyn BlockDevice, pool: &Arc<DmaPool>) {
     let bs = u64::from(dev.info().block_size);
     let size = dev.info().size_bytes;
     let too_long = (pool.buf_size() as u64).div_ceil(bs) * bs + bs;
-    let cases: [(&str, IoKind, u64, u64, bool); 10] = [
+    let cases: [(&str, IoKind, u64, u64, bool); 13] = [
         ("unaligned offset", IoKind::Read, 512, bs, true),
         ("unaligned len", IoKind::Write, 0, 100, true),
         ("zero len", IoKind::Read, 0, 0, true),
@@ -214,6 +284,15 @@ pub fn rejects_bad_requests(dev: &mut dyn BlockDevice, pool: &Arc<DmaPool>) {
         ),
         ("read without buffer", IoKind::Read, 0, bs, false),
         ("write without buffer", IoKind::Write, 0, bs, false),
+        ("zeroes of zero len", IoKind::WriteZeroes, 0, 0, false),
+        ("unaligned deallocate", IoKind::Deallocate, 512, bs, false),
+        (
+            "zeroes past the end",
+            IoKind::WriteZeroes,
+            size - bs,
+            2 * bs,
+            false,
+        ),
     ];
     for (what, kind, offset, len, with_buf) in cases {
         let buf = with_buf.then(|| pool.alloc().expect("free buffer"));

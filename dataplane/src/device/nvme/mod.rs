@@ -90,6 +90,9 @@ pub struct NvmeFacts {
     pub command_bytes_max: u32,
     pub queue_entries: u32,
     pub volatile_write_cache: bool,
+    /// Write Zeroes and deallocate (Dataset Management) are supported.
+    pub write_zeroes: bool,
+    pub deallocate: bool,
 }
 
 /// `cid_slot` entry of a command id not in use.
@@ -399,6 +402,8 @@ impl NvmeController {
             command_bytes_max,
             queue_entries: entries,
             volatile_write_cache: ctrl_id.volatile_write_cache,
+            write_zeroes: ctrl_id.oncs & spec::ONCS_WRITE_ZEROES != 0,
+            deallocate: ctrl_id.oncs & spec::ONCS_DSM != 0,
         };
         tracing::info!(?facts, queues, depth, "nvme controller ready");
         let known = space.mappings.clone();
@@ -729,10 +734,43 @@ impl NvmeQueue {
             self.cid_slot[usize::from(cid)] = slot;
             self.sq_pending = true;
             let kind = op.kind.expect("a waiting request has a kind");
-            if kind == IoKind::Flush {
-                self.rings.push(&Sqe::new(io::FLUSH, cid, nsid));
-                self.waiting.pop_front();
-                continue;
+            let lba = (op.offset + u64::from(op.issued)) >> shift;
+            match kind {
+                IoKind::Flush => {
+                    self.rings.push(&Sqe::new(io::FLUSH, cid, nsid));
+                    self.waiting.pop_front();
+                    continue;
+                }
+                IoKind::WriteZeroes => {
+                    let piece = (op.len - op.issued).min(io::ZEROES_BLOCKS_MAX << shift);
+                    let sqe = Sqe::new(io::WRITE_ZEROES, cid, nsid)
+                        .cdw(10, lba as u32)
+                        .cdw(11, (lba >> 32) as u32)
+                        .cdw(12, (piece >> shift) - 1);
+                    self.rings.push(&sqe);
+                    op.issued += piece;
+                    if op.issued == op.len {
+                        self.waiting.pop_front();
+                    }
+                    continue;
+                }
+                IoKind::Deallocate => {
+                    // One range (context attributes, length in blocks, first block) in
+                    // this command id's PRP page.
+                    let range = self.prp[usize::from(cid)].as_mut_slice();
+                    range[0..4].fill(0);
+                    range[4..8].copy_from_slice(&(op.len >> shift).to_le_bytes());
+                    range[8..16].copy_from_slice(&lba.to_le_bytes());
+                    let sqe = Sqe::new(io::DATASET_MANAGEMENT, cid, nsid)
+                        .prp(self.prp_iova[usize::from(cid)], 0)
+                        .cdw(10, 0)
+                        .cdw(11, io::DSM_DEALLOCATE);
+                    self.rings.push(&sqe);
+                    op.issued = op.len;
+                    self.waiting.pop_front();
+                    continue;
+                }
+                IoKind::Read | IoKind::Write | IoKind::WriteDurable => {}
             }
             let (opcode, fua) = match kind {
                 IoKind::Read => (io::READ, false),
@@ -750,7 +788,6 @@ impl NvmeQueue {
                 }
             }
             let (prp1, prp2) = spec::prp_pair(at, pages, self.prp_iova[usize::from(cid)]);
-            let lba = (op.offset + u64::from(op.issued)) >> shift;
             let sqe = spec::rw_command(opcode, cid, nsid, lba, piece >> shift, fua).prp(prp1, prp2);
             self.rings.push(&sqe);
             op.issued += piece;
@@ -849,10 +886,27 @@ impl BlockDevice for NvmeQueue {
         let Some(slot) = self.free.pop() else {
             return Err((Error::Busy, req));
         };
+        let facts = &self.ctrl.facts;
         let commands = match req.kind {
-            IoKind::Flush => 1,
+            IoKind::Flush | IoKind::Deallocate => 1,
+            IoKind::WriteZeroes => req
+                .len
+                .div_ceil(io::ZEROES_BLOCKS_MAX << self.ctrl.lba_shift),
             _ => req.len.div_ceil(self.command_bytes_max),
         };
+        let unsupported = match req.kind {
+            IoKind::WriteZeroes => !facts.write_zeroes,
+            IoKind::Deallocate => !facts.deallocate,
+            _ => false,
+        };
+        if unsupported {
+            self.free.push(slot);
+            let e = Error::Unsupported(format!(
+                "{}: the controller has no {:?}",
+                self.info.name, req.kind
+            ));
+            return Err((e, req));
+        }
         let op = &mut self.ops[usize::from(slot)];
         assert_eq!(op.remaining, 0, "a free slot has no commands");
         *op = Op {

@@ -91,6 +91,13 @@ pub mod io {
     pub const FLUSH: u8 = 0x00;
     pub const WRITE: u8 = 0x01;
     pub const READ: u8 = 0x02;
+    pub const WRITE_ZEROES: u8 = 0x08;
+    pub const DATASET_MANAGEMENT: u8 = 0x09;
+    /// Dataset Management CDW11: the ranges are to be deallocated.
+    pub const DSM_DEALLOCATE: u32 = 1 << 2;
+    /// Write Zeroes and Dataset Management ranges cover at most this many blocks per
+    /// command (Write Zeroes' NLB is 16 bits).
+    pub const ZEROES_BLOCKS_MAX: u32 = 65536;
     /// Force unit access, CDW12 bit 30: the write completes once it is durable.
     pub const FUA: u32 = 1 << 30;
 }
@@ -210,7 +217,13 @@ pub struct IdentifyController {
     pub namespaces: u32,
     /// A volatile write cache is present (flush matters).
     pub volatile_write_cache: bool,
+    /// Optional NVM commands (ONCS): bit 2 Dataset Management, bit 3 Write Zeroes.
+    pub oncs: u16,
 }
+
+/// ONCS bits.
+pub const ONCS_DSM: u16 = 1 << 2;
+pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
 
 fn ascii(b: &[u8]) -> String {
     String::from_utf8_lossy(b)
@@ -228,6 +241,7 @@ impl IdentifyController {
             mdts: d[77],
             namespaces: u32::from_le_bytes(d[516..520].try_into().expect("4 bytes")),
             volatile_write_cache: d[525] & 1 != 0,
+            oncs: u16::from_le_bytes([d[520], d[521]]),
         }
     }
 }
@@ -345,7 +359,12 @@ mod tests {
         d[77] = 7;
         d[516..520].copy_from_slice(&256u32.to_le_bytes());
         d[525] = 1;
+        d[520] = 0x0c;
         let c = IdentifyController::decode(&d);
+        assert_eq!(
+            c.oncs & (ONCS_DSM | ONCS_WRITE_ZEROES),
+            ONCS_DSM | ONCS_WRITE_ZEROES
+        );
         assert_eq!(
             (c.serial.as_str(), c.model.as_str(), c.mdts, c.namespaces),
             ("SER123", "QEMU", 7, 256)
