@@ -379,8 +379,9 @@ fn dcp_sigkill_on_the_nvme_backend_loses_nothing_acknowledged() {
     assert!(ok(&["format", &address, "--force"]).contains("formatted"));
 }
 
-fn sigkill_after_commit(test: &str, opts: MountOpts) {
-    let mut node = MountedNode::start(&opts);
+/// A node on `opts`, checked to run on the backend asked for.
+fn start(opts: &MountOpts) -> MountedNode {
+    let node = MountedNode::start(opts);
     let status = node.cli_ok(&["status", "--json"]);
     let backend = if opts.nvme.is_some() {
         "\"nvme\""
@@ -388,6 +389,11 @@ fn sigkill_after_commit(test: &str, opts: MountOpts) {
         "\"uring\""
     };
     assert!(status.contains(backend), "backend {backend}: {status}");
+    node
+}
+
+fn sigkill_after_commit(test: &str, opts: MountOpts) {
+    let mut node = start(&opts);
     let dcp = Dcp::new(&node, seed(test));
     dcp.write(&node, 1);
     dcp.verify(&node, 1, "after write");
@@ -400,14 +406,7 @@ fn sigkill_after_commit(test: &str, opts: MountOpts) {
 }
 
 fn sigkill_during_step(test: &str, opts: MountOpts) {
-    let mut node = MountedNode::start(&opts);
-    let status = node.cli_ok(&["status", "--json"]);
-    let backend = if opts.nvme.is_some() {
-        "\"nvme\""
-    } else {
-        "\"uring\""
-    };
-    assert!(status.contains(backend), "backend {backend}: {status}");
+    let mut node = start(&opts);
     let seed = seed(test);
     let dcp = Dcp::new(&node, seed);
     dcp.write(&node, 1);

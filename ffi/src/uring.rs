@@ -291,11 +291,6 @@ impl Uring {
         len: u64,
         mode: FallocMode,
     ) -> Result<(), Error> {
-        let Some(slot) = self.free.pop() else {
-            return Err(Error::RingFull {
-                in_flight: self.in_flight(),
-            });
-        };
         let mode = libc::FALLOC_FL_KEEP_SIZE
             | match mode {
                 FallocMode::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
@@ -305,27 +300,12 @@ impl Uring {
             .offset(offset)
             .mode(mode)
             .build();
-        self.slots[slot as usize] = Slot {
-            tag,
-            buf: None,
-            busy: true,
-        };
-        // SAFETY: an fallocate touches no memory of ours.
-        if let Err(e) = unsafe { self.push_entry(entry.user_data(u64::from(slot))) } {
-            self.release(slot);
-            return Err(e);
-        }
-        Ok(())
+        self.push_without_memory(tag, entry)
     }
 
     /// Queues an fsync of the whole file (`datasync`: data and the metadata needed to
     /// read it back, like fdatasync).
     pub fn push_fsync(&mut self, tag: u64, datasync: bool) -> Result<(), Error> {
-        let Some(slot) = self.free.pop() else {
-            return Err(Error::RingFull {
-                in_flight: self.in_flight(),
-            });
-        };
         let flags = if datasync {
             types::FsyncFlags::DATASYNC
         } else {
@@ -334,12 +314,24 @@ impl Uring {
         let entry = opcode::Fsync::new(types::Fd(self.file.as_raw_fd()))
             .flags(flags)
             .build();
+        self.push_without_memory(tag, entry)
+    }
+
+    /// Queues `entry`, an operation that reads or writes no memory of ours (fsync,
+    /// fallocate), under a free slot.
+    fn push_without_memory(&mut self, tag: u64, entry: squeue::Entry) -> Result<(), Error> {
+        let Some(slot) = self.free.pop() else {
+            return Err(Error::RingFull {
+                in_flight: self.in_flight(),
+            });
+        };
         self.slots[slot as usize] = Slot {
             tag,
             buf: None,
             busy: true,
         };
-        // SAFETY: an fsync touches no memory of ours.
+        // SAFETY: the entry touches no memory of ours (the callers build only fsync and
+        // fallocate entries), so nothing must outlive it.
         if let Err(e) = unsafe { self.push_entry(entry.user_data(u64::from(slot))) } {
             self.release(slot);
             return Err(e);
