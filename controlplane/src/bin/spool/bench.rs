@@ -47,6 +47,11 @@ pub struct DeviceBench {
     /// Skip the fio comparison.
     #[arg(long)]
     pub no_fio: bool,
+    /// Also run the same requests straight through the block-device backend (one
+    /// queue, no store, no engine): "device write/read" rows, which tell the backend's
+    /// own cost from the store's and the engine's.
+    #[arg(long)]
+    pub raw: bool,
     /// Rounds; each runs spool and fio back to back (medians are reported, since a
     /// shared or virtual disk varies from run to run).
     #[arg(long, default_value_t = 3)]
@@ -155,6 +160,23 @@ impl Target<'_> {
                 Ok((devices, sb))
             }
         }
+    }
+
+    /// One queue to the device for the raw rows (the store on it is overwritten).
+    fn open_raw(&self, uo: &UringOptions, pool: &Arc<DmaPool>) -> Result<Box<dyn BlockDevice>> {
+        Ok(match self {
+            Target::File(path) => {
+                Box::new(UringDevice::open(path, uo, std::slice::from_ref(pool))?)
+            }
+            Target::Nvme(address) => {
+                let no = NvmeOptions {
+                    queue_depth: uo.queue_depth,
+                    ..NvmeOptions::default()
+                };
+                let q = crate::node::open_nvme(address, 1, &no, std::slice::from_ref(pool))?;
+                Box::new(q.into_iter().next().context("one queue")?)
+            }
+        })
     }
 
     /// The path fio runs on: the file, or the controller's block device once it is
@@ -289,6 +311,13 @@ pub fn run(b: &DeviceBench) -> Result<()> {
         Arc::try_unwrap(engine)
             .map_err(|_| anyhow::anyhow!("engine still shared"))?
             .shutdown();
+        if b.raw {
+            // After the dataplane's rows, like fio's, so neither pays first-write costs
+            // (a fresh file's unwritten extents) that the dataplane paid.
+            let mut dev = target.open_raw(&uo, &pool)?;
+            rows.push(raw_device(dev.as_mut(), &pool, total, bs, qd, true)?);
+            rows.push(raw_device(dev.as_mut(), &pool, total, bs, qd, false)?);
+        }
         if !b.no_fio {
             let path = target.fio_path()?;
             rows.push(fio(&path, "write", total, bs, qd, huge)?);
@@ -370,6 +399,69 @@ fn pipeline(
         bytes: total,
         secs,
         cpu_secs: cpu,
+    })
+}
+
+/// Sequential `bs`-byte requests, `qd` in flight, straight through the device (writes
+/// then one flush, as fio's end_fsync; reads check a stamp the writes left).
+fn raw_device(
+    dev: &mut dyn BlockDevice,
+    pool: &Arc<DmaPool>,
+    total: u64,
+    bs: u64,
+    qd: usize,
+    write: bool,
+) -> Result<Row> {
+    use spool_dataplane::device::{IoKind, IoRequest};
+    let what = if write { "device write" } else { "device read" };
+    let mut done_list = Vec::with_capacity(dev.queue_depth_max());
+    let (mut next, mut done) = (0u64, 0u64);
+    let cpu0 = process_cpu_secs();
+    let t0 = Instant::now();
+    while done < total {
+        while next < total && dev.in_flight() < qd {
+            let Some(mut buf) = pool.alloc() else { break };
+            let len = bs.min(total - next) as u32;
+            if write {
+                buf.as_mut_slice()[..8].copy_from_slice(&next.to_le_bytes());
+            }
+            let kind = if write { IoKind::Write } else { IoKind::Read };
+            let req = IoRequest {
+                tag: next,
+                kind,
+                offset: next,
+                len,
+                buf: Some(buf),
+            };
+            dev.submit(req)
+                .map_err(|(e, _)| anyhow::anyhow!("{what} at byte {next}: {e}"))?;
+            next += u64::from(len);
+        }
+        dev.poll(&mut done_list);
+        for c in done_list.drain(..) {
+            c.result
+                .with_context(|| format!("{what} at byte {}", c.tag))?;
+            if !write {
+                let buf = c.buf.as_ref().expect("reads return their buffer");
+                let stamp = u64::from_le_bytes(buf.as_slice()[..8].try_into().expect("8 bytes"));
+                if stamp != c.tag {
+                    bail!("{what}: wrong data at byte {} (stamp {stamp})", c.tag);
+                }
+            }
+            done += bs.min(total - c.tag);
+        }
+    }
+    if write {
+        spool_dataplane::device::run_sync(dev, IoRequest::flush(u64::MAX))
+            .0
+            .context("flush")?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(Row {
+        what: what.to_owned(),
+        bytes: total,
+        secs,
+        cpu_secs: cpu0.zip(process_cpu_secs()).map(|(a, b)| b - a),
     })
 }
 
@@ -489,8 +581,8 @@ fn print_table(rows: &[Row], b: &DeviceBench) -> Result<()> {
         .to_owned();
     for r in &sums {
         let peer = match r.what.as_str() {
-            "spool write" => gbps_of("fio write"),
-            "spool read" => gbps_of("fio read"),
+            "spool write" | "device write" => gbps_of("fio write"),
+            "spool read" | "device read" => gbps_of("fio read"),
             _ => None,
         };
         let ratio = peer.map(|p| r.gbps / p);
