@@ -18,8 +18,9 @@ set -euo pipefail
 # ---------------------------------------------------------------------------------------
 
 # Compiling the workspace: C compiler for -sys crates, pkg-config + libhwloc-dev (hwloc2),
-# clang + libclang-dev (bindgen), libfuse3-dev (fuser).
-SPOOL_PKGS_BUILD=(build-essential pkg-config libhwloc-dev clang libclang-dev libfuse3-dev)
+# clang + libclang-dev (bindgen), libfuse3-dev (fuser), libibverbs-dev (ffi's verbs
+# bindings, rdma-core).
+SPOOL_PKGS_BUILD=(build-essential pkg-config libhwloc-dev clang libclang-dev libfuse3-dev libibverbs-dev)
 
 # Running the tests: fuse3 (fusermount3, /dev/fuse use), util-linux (losetup for loop
 # devices), iproute2 (ip netns / veth for multi-node tests), jq (scripts read JSON),

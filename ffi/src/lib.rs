@@ -6,6 +6,7 @@ pub mod blkdev;
 pub mod mount;
 pub mod posix;
 pub mod uring;
+pub mod verbs;
 pub mod vfio;
 
 /// The one error type of this crate.
