@@ -8,6 +8,8 @@ use std::net::Ipv4Addr;
 
 use crate::Error;
 
+pub mod rc;
+
 /// The bindgen output for `<infiniband/verbs.h>`: raw C types and functions.
 #[allow(
     non_camel_case_types,
@@ -58,7 +60,7 @@ pub struct Device {
 }
 
 /// Frees the device list on every path.
-struct DeviceList(*mut *mut sys::ibv_device);
+struct DeviceList(pub(crate) *mut *mut sys::ibv_device);
 
 impl Drop for DeviceList {
     fn drop(&mut self) {
