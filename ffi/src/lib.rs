@@ -22,6 +22,9 @@ pub enum Error {
     /// No free slot (or submission queue entry) right now; reap completions and retry.
     #[error("io_uring full: {in_flight} operations in flight")]
     RingFull { in_flight: usize },
+    /// An RDMA queue pair has as much work posted as it was created for; poll first.
+    #[error("RDMA queue pair full: {outstanding} requests outstanding")]
+    QueuePairFull { outstanding: usize },
     /// The kernel would access bytes past the end of the buffer.
     #[error("I/O of {len} bytes does not fit a buffer of {capacity} bytes")]
     BufferTooSmall { len: u32, capacity: usize },

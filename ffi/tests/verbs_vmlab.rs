@@ -36,18 +36,7 @@ fn soft_roce_device_ports_and_gids_are_listed() {
         spool_ffi::verbs::devices().unwrap().is_empty(),
         "no RDMA device before rxe"
     );
-    // rxe needs a crc32 driver to create a link.
-    run(&[
-        "modprobe",
-        "-d",
-        "/tmp/vmlab-root",
-        "-a",
-        "crc32_generic",
-        "rdma_rxe",
-        "ib_uverbs",
-    ]);
-    run(&["ip", "link", "set", "lo", "up"]);
-    run(&["rdma", "link", "add", "rxe0", "type", "rxe", "netdev", "lo"]);
+    add_rxe();
     let devices = spool_ffi::verbs::devices().unwrap();
     for d in &devices {
         for p in &d.ports {

@@ -365,8 +365,8 @@ impl<'d> QueuePair<'d> {
         };
         let Some(slot) = self.free.pop_front() else {
             return Err((
-                Error::RingFull {
-                    in_flight: self.slots.len(),
+                Error::QueuePairFull {
+                    outstanding: self.slots.len(),
                 },
                 buf,
             ));
