@@ -376,6 +376,20 @@ impl<'d> QueuePair<'d> {
         Ok((slot as u64, addr, lkey))
     }
 
+    /// The outcome of posting work request `wr_id`: refused (`rc` != 0) gives its
+    /// buffer back, since the NIC never saw it.
+    fn posted(&mut self, wr_id: u64, rc: i32, what: &'static str) -> Result<u64, (Error, DmaBuf)> {
+        if rc == 0 {
+            return Ok(wr_id);
+        }
+        let buf = self.slots[wr_id as usize]
+            .take()
+            .expect("a posted slot holds its buffer");
+        self.free.push_back(wr_id as usize);
+        let source = std::io::Error::from_raw_os_error(rc);
+        Err((Error::Os { what, source }, buf))
+    }
+
     /// Posts a receive into `buf` (its whole capacity). Returns the work request id.
     pub fn post_recv(&mut self, buf: DmaBuf) -> Result<u64, (Error, DmaBuf)> {
         let cap = buf.capacity() as u32;
@@ -395,18 +409,7 @@ impl<'d> QueuePair<'d> {
         // SAFETY: qp is live; wr and sge are live locals; the buffer stays in `slots`
         // (owned here) until its completion is polled.
         let rc = unsafe { sys::ibv_post_recv(self.qp, &mut wr, &mut bad) };
-        if rc != 0 {
-            let buf = self.slots[wr_id as usize].take().expect("just stored");
-            self.free.push_back(wr_id as usize);
-            return Err((
-                Error::Os {
-                    what: "ibv_post_recv",
-                    source: std::io::Error::from_raw_os_error(rc),
-                },
-                buf,
-            ));
-        }
-        Ok(wr_id)
+        self.posted(wr_id, rc, "ibv_post_recv")
     }
 
     /// Sends the first `len` bytes of `buf`: as a message into the peer's next posted
@@ -464,18 +467,7 @@ impl<'d> QueuePair<'d> {
         // SAFETY: qp is live; wr and sge are live locals; the buffer stays in `slots`
         // until its completion is polled.
         let rc = unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) };
-        if rc != 0 {
-            let buf = self.slots[wr_id as usize].take().expect("just stored");
-            self.free.push_back(wr_id as usize);
-            return Err((
-                Error::Os {
-                    what: "ibv_post_send",
-                    source: std::io::Error::from_raw_os_error(rc),
-                },
-                buf,
-            ));
-        }
-        Ok(wr_id)
+        self.posted(wr_id, rc, "ibv_post_send")
     }
 
     /// Appends finished work (with its buffer) to `out`; returns how many. Never blocks.
