@@ -122,6 +122,33 @@ enum Target<'a> {
 }
 
 impl Target<'_> {
+    /// `n` queues to the device with `pool` registered (an NVMe controller is handed
+    /// to vfio-pci first).
+    fn queues(
+        &self,
+        uo: &UringOptions,
+        n: usize,
+        pool: &Arc<DmaPool>,
+    ) -> Result<Vec<Box<dyn BlockDevice>>> {
+        let pools = std::slice::from_ref(pool);
+        match self {
+            Target::File(path) => (0..n)
+                .map(|_| Ok(Box::new(UringDevice::open(path, uo, pools)?) as Box<dyn BlockDevice>))
+                .collect(),
+            Target::Nvme(address) => {
+                pci::bind_vfio(address)?;
+                let no = NvmeOptions {
+                    queue_depth: uo.queue_depth,
+                    ..NvmeOptions::default()
+                };
+                Ok(crate::node::open_nvme(address, n, &no, pools)?
+                    .into_iter()
+                    .map(|q| Box::new(q) as Box<dyn BlockDevice>)
+                    .collect())
+            }
+        }
+    }
+
     /// One device queue per core, on a freshly formatted store.
     fn open(
         &self,
@@ -130,53 +157,9 @@ impl Target<'_> {
         cores: usize,
         pool: &Arc<DmaPool>,
     ) -> Result<(Vec<Box<dyn BlockDevice>>, store::Superblock)> {
-        match self {
-            Target::File(path) => {
-                let sb = {
-                    let mut d = UringDevice::open(path, uo, &[])?;
-                    store::format(&mut d, fo)?
-                };
-                let devices = (0..cores)
-                    .map(|_| {
-                        UringDevice::open(path, uo, std::slice::from_ref(pool))
-                            .map(|d| Box::new(d) as Box<dyn BlockDevice>)
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((devices, sb))
-            }
-            Target::Nvme(address) => {
-                pci::bind_vfio(address)?;
-                let no = NvmeOptions {
-                    queue_depth: uo.queue_depth,
-                    ..NvmeOptions::default()
-                };
-                let mut queues =
-                    crate::node::open_nvme(address, cores, &no, std::slice::from_ref(pool))?;
-                let sb = store::format(&mut queues[0], fo)?;
-                let devices = queues
-                    .into_iter()
-                    .map(|q| Box::new(q) as Box<dyn BlockDevice>)
-                    .collect();
-                Ok((devices, sb))
-            }
-        }
-    }
-
-    /// One queue to the device for the raw rows (the store on it is overwritten).
-    fn open_raw(&self, uo: &UringOptions, pool: &Arc<DmaPool>) -> Result<Box<dyn BlockDevice>> {
-        Ok(match self {
-            Target::File(path) => {
-                Box::new(UringDevice::open(path, uo, std::slice::from_ref(pool))?)
-            }
-            Target::Nvme(address) => {
-                let no = NvmeOptions {
-                    queue_depth: uo.queue_depth,
-                    ..NvmeOptions::default()
-                };
-                let q = crate::node::open_nvme(address, 1, &no, std::slice::from_ref(pool))?;
-                Box::new(q.into_iter().next().context("one queue")?)
-            }
-        })
+        let mut devices = self.queues(uo, cores, pool)?;
+        let sb = store::format(devices[0].as_mut(), fo)?;
+        Ok((devices, sb))
     }
 
     /// The path fio runs on: the file, or the controller's block device once it is
@@ -314,7 +297,7 @@ pub fn run(b: &DeviceBench) -> Result<()> {
         if b.raw {
             // After the dataplane's rows, like fio's, so neither pays first-write costs
             // (a fresh file's unwritten extents) that the dataplane paid.
-            let mut dev = target.open_raw(&uo, &pool)?;
+            let mut dev = target.queues(&uo, 1, &pool)?.remove(0);
             rows.push(raw_device(dev.as_mut(), &pool, total, bs, qd, true)?);
             rows.push(raw_device(dev.as_mut(), &pool, total, bs, qd, false)?);
         }

@@ -433,27 +433,17 @@ fn open_devices(
                 };
                 create_file(path, size.0)?;
             }
-            let sb = {
-                let mut probe = UringDevice::open(
-                    path,
-                    &UringOptions {
-                        queue_depth: 16,
-                        sqpoll: false,
-                        iopoll: false,
-                    },
-                    &[],
-                )?;
-                match store::read_superblock(&mut probe) {
-                    Ok(sb) => sb,
-                    Err(DpError::NotSpool(why))
-                        if is_new || (d.format_if_new && probe_is_blank(&mut probe)?) =>
-                    {
-                        tracing::info!(path = %path.display(), reason = %why, "formatting new device");
-                        store::format(&mut probe, &fo)?
-                    }
-                    Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
-                }
-            };
+            let mut probe = UringDevice::open(
+                path,
+                &UringOptions {
+                    queue_depth: 16,
+                    sqpoll: false,
+                    iopoll: false,
+                },
+                &[],
+            )?;
+            let sb = superblock_or_format(&mut probe, is_new, d.format_if_new, &fo)?;
+            drop(probe);
             let devs = (0..cores)
                 .map(|_| {
                     UringDevice::open(path, &uo, std::slice::from_ref(pool))
@@ -474,22 +464,32 @@ fn open_devices(
                 ..NvmeOptions::default()
             };
             let mut queues = open_nvme(address, cores, &no, std::slice::from_ref(pool))?;
-            let sb = match store::read_superblock(&mut queues[0]) {
-                Ok(sb) => sb,
-                Err(DpError::NotSpool(why))
-                    if d.format_if_new && probe_is_blank(&mut queues[0])? =>
-                {
-                    tracing::info!(address, reason = %why, "formatting new NVMe namespace");
-                    store::format(&mut queues[0], &fo)?
-                }
-                Err(e) => return Err(e).with_context(|| format!("opening NVMe {address}")),
-            };
+            let sb = superblock_or_format(&mut queues[0], false, d.format_if_new, &fo)?;
             let devs = queues
                 .into_iter()
                 .map(|q| Box::new(q) as Box<dyn BlockDevice>)
                 .collect();
             Ok((devs, sb))
         }
+    }
+}
+
+/// The device's superblock; a device with none is formatted when it was just created
+/// (`is_new`), or when `format_if_new` is set and it holds nothing (a blank head).
+fn superblock_or_format(
+    dev: &mut dyn BlockDevice,
+    is_new: bool,
+    format_if_new: bool,
+    fo: &FormatOptions,
+) -> Result<Superblock> {
+    let name = dev.info().name.clone();
+    match store::read_superblock(dev) {
+        Ok(sb) => Ok(sb),
+        Err(DpError::NotSpool(why)) if is_new || (format_if_new && probe_is_blank(dev)?) => {
+            tracing::info!(device = %name, reason = %why, "formatting new device");
+            Ok(store::format(dev, fo)?)
+        }
+        Err(e) => Err(e).with_context(|| format!("opening {name}")),
     }
 }
 
