@@ -23,7 +23,8 @@ fn main() {
         .allowlist_function(
             "ibv_(get_device_list|free_device_list|get_device_name|open_device|close_device\
              |query_device|query_gid|alloc_pd|dealloc_pd|reg_mr|dereg_mr|create_cq|destroy_cq\
-             |poll_cq|create_qp|destroy_qp|modify_qp|post_send|post_recv|wc_status_str)",
+             |poll_cq|create_qp|destroy_qp|modify_qp|post_send|post_recv|wc_status_str\
+             |create_comp_channel|destroy_comp_channel|req_notify_cq|get_cq_event|ack_cq_events)",
         )
         // The exported ibv_query_port is a compat symbol filling an old, shorter struct:
         // the inline ___ibv_query_port is what verbs.h's ibv_query_port macro calls.
@@ -32,7 +33,7 @@ fn main() {
         .allowlist_var("IBV_.*")
         // Values the provider writes must not become Rust enums (an unknown one is UB).
         .newtype_enum("ibv_(wc_status|wc_opcode|wr_opcode|qp_state|qp_type|mtu|port_state|node_type|transport_type)")
-        .bitfield_enum("ibv_(access_flags|qp_attr_mask|send_flags)")
+        .bitfield_enum("ibv_(access_flags|qp_attr_mask|send_flags|wc_flags)")
         .derive_default(true)
         .layout_tests(false)
         .wrap_static_fns(true)

@@ -4,28 +4,7 @@
 #[path = "../../dataplane/tests/common/vmlab.rs"]
 mod vmlab;
 
-use std::process::Command;
-
-fn run(cmd: &[&str]) {
-    let st = Command::new(cmd[0]).args(&cmd[1..]).status().unwrap();
-    assert!(st.success(), "{cmd:?}: {st}");
-}
-
-/// Loads soft-RoCE and adds rxe0 on the loopback interface.
-fn add_rxe() {
-    // rxe needs a crc32 driver to create a link.
-    run(&[
-        "modprobe",
-        "-d",
-        "/tmp/vmlab-root",
-        "-a",
-        "crc32_generic",
-        "rdma_rxe",
-        "ib_uverbs",
-    ]);
-    run(&["ip", "link", "set", "lo", "up"]);
-    run(&["rdma", "link", "add", "rxe0", "type", "rxe", "netdev", "lo"]);
-}
+use vmlab::add_rxe;
 
 #[test]
 fn soft_roce_device_ports_and_gids_are_listed() {
@@ -69,14 +48,16 @@ fn soft_roce_device_ports_and_gids_are_listed() {
 
 /// Two reliable-connected queue pairs on rxe0, connected to each other: a message by
 /// SEND into a posted receive, a payload by RDMA WRITE straight into the peer's
-/// registered memory, and a queue pair closed with a receive outstanding gives its
-/// buffer back only after the flush.
+/// registered memory, one by RDMA WRITE with immediate (which completes an empty
+/// receive carrying the value and wakes the completion channel), one pulled by RDMA
+/// READ, and a queue pair closed with a receive outstanding gives its buffer back only
+/// after the flush.
 #[test]
-fn rc_queue_pairs_send_and_rdma_write_over_soft_roce() {
-    use spool_ffi::verbs::rc::{Completion, Domain, QueuePair};
+fn rc_queue_pairs_send_write_and_read_over_soft_roce() {
+    use spool_ffi::verbs::rc::{Completion, Domain, MemoryRegion, QueuePair, SendOp};
     use spool_hugepages::{DmaPool, PagePolicy};
     if vmlab::in_guest().is_none() {
-        return vmlab::run_in_guest("rc_queue_pairs_send_and_rdma_write_over_soft_roce", 16);
+        return vmlab::run_in_guest("rc_queue_pairs_send_write_and_read_over_soft_roce", 16);
     }
     add_rxe();
     let port = spool_ffi::verbs::devices()
@@ -90,16 +71,22 @@ fn rc_queue_pairs_send_and_rdma_write_over_soft_roce() {
         .find(|g| g.ipv4() == Some(std::net::Ipv4Addr::LOCALHOST))
         .expect("an IPv4 GID");
     let pool = DmaPool::new("rdma", 64 << 10, 16, PagePolicy::PreferHuge).unwrap();
-    let mut domain = Domain::open("rxe0").unwrap();
-    let region = domain.register(&pool).unwrap();
+    let domain = Domain::open("rxe0").unwrap();
+    let region = MemoryRegion::register(&domain, &pool).unwrap();
     let fill = |seed: u8, b: &mut [u8]| {
         for (i, x) in b.iter_mut().enumerate() {
             *x = seed ^ (i as u8) ^ ((i >> 8) as u8);
         }
     };
+    let pattern = |seed: u8, len: usize| {
+        let mut v = vec![0u8; len];
+        fill(seed, &mut v);
+        v
+    };
     {
-        let mut a = QueuePair::new(&domain, 8, gid.index as u8, 0x1111).unwrap();
-        let mut b = QueuePair::new(&domain, 8, gid.index as u8, 0x2222).unwrap();
+        let regions = vec![std::sync::Arc::clone(&region)];
+        let mut a = QueuePair::new(&domain, regions.clone(), 8, gid.index as u8, 0x1111).unwrap();
+        let mut b = QueuePair::new(&domain, regions, 8, gid.index as u8, 0x2222).unwrap();
         let (ea, eb) = (a.endpoint().unwrap(), b.endpoint().unwrap());
         a.connect(&eb).unwrap();
         b.connect(&ea).unwrap();
@@ -114,40 +101,41 @@ fn rc_queue_pairs_send_and_rdma_write_over_soft_roce() {
                     out.len()
                 );
             }
+            for c in &out {
+                assert!(c.error.is_none(), "{c:?}");
+            }
             out
         };
 
         // SEND into a posted receive.
-        b.post_recv(pool.alloc().unwrap()).unwrap();
+        b.post_recv(Some(pool.alloc().unwrap())).unwrap();
         let mut msg = pool.alloc().unwrap();
         fill(7, &mut msg.as_mut_slice()[..4096]);
-        a.post_send(msg, 4096, None).unwrap();
+        a.post_send(Some(msg), 4096, SendOp::Send, None).unwrap();
         let sent = wait(&mut a, 1);
-        assert!(sent[0].error.is_none(), "{:?}", sent[0].error);
-        assert!(sent[0].buf.is_some(), "the send's buffer comes back");
-        let got = wait(&mut b, 1).remove(0);
-        assert!(got.error.is_none(), "{:?}", got.error);
-        assert_eq!(got.byte_len, 4096);
-        let mut want = vec![0u8; 4096];
-        fill(7, &mut want);
         assert!(
-            got.buf.unwrap().as_slice()[..4096] == want[..],
+            sent[0].buf.is_some() && !sent[0].recv,
+            "the send's buffer comes back"
+        );
+        let got = wait(&mut b, 1).remove(0);
+        assert!(got.recv && got.imm.is_none());
+        assert_eq!(got.byte_len, 4096);
+        assert!(
+            got.buf.unwrap().as_slice()[..4096] == pattern(7, 4096)[..],
             "received bytes"
         );
 
         // RDMA WRITE into b's memory: a buffer b holds and has not posted.
         let mut target = pool.alloc().unwrap();
         target.as_mut_slice().fill(0);
-        let offset = target.addr() as u64 - region.addr;
+        let into = region.remote_of(&target).unwrap();
         let mut payload = pool.alloc().unwrap();
         fill(9, &mut payload.as_mut_slice()[..8192]);
-        a.post_send(payload, 8192, Some((region, offset))).unwrap();
-        let done = wait(&mut a, 1);
-        assert!(done[0].error.is_none(), "{:?}", done[0].error);
-        let mut want = vec![0u8; 8192];
-        fill(9, &mut want);
+        a.post_send(Some(payload), 8192, SendOp::Write(into, 0), None)
+            .unwrap();
+        wait(&mut a, 1);
         assert!(
-            target.as_slice()[..8192] == want[..],
+            target.as_slice()[..8192] == pattern(9, 8192)[..],
             "RDMA WRITE landed in the peer's buffer"
         );
         assert!(
@@ -155,14 +143,73 @@ fn rc_queue_pairs_send_and_rdma_write_over_soft_roce() {
             "and nothing past it"
         );
 
+        // RDMA WRITE with immediate at an offset: completes b's empty receive with the
+        // value and the length, and b's armed channel turns readable.
+        b.post_recv(None).unwrap();
+        b.arm().unwrap();
+        let mut payload = pool.alloc().unwrap();
+        fill(11, &mut payload.as_mut_slice()[..1000]);
+        a.post_send(
+            Some(payload),
+            1000,
+            SendOp::Write(into, 20_000),
+            Some(0xdead_beef),
+        )
+        .unwrap();
+        wait(&mut a, 1);
+        let mut pfd = libc::pollfd {
+            fd: b.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: pfd is a live local; one entry.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        assert_eq!(ready, 1, "the completion channel turns readable");
+        let got = wait(&mut b, 1).remove(0);
+        assert!(got.recv && got.buf.is_none());
+        assert_eq!((got.imm, got.byte_len), (Some(0xdead_beef), 1000));
+        let mut landed = vec![0u8; 1000];
+        target.copy_out(20_000, &mut landed);
+        assert!(
+            landed == pattern(11, 1000),
+            "the payload with the immediate"
+        );
+        b.arm().unwrap();
+        // An empty message with immediate carries only the value.
+        b.post_recv(None).unwrap();
+        a.post_send(None, 0, SendOp::Send, Some(42)).unwrap();
+        wait(&mut a, 1);
+        let got = wait(&mut b, 1).remove(0);
+        assert_eq!((got.imm, got.byte_len), (Some(42), 0));
+
+        // RDMA READ of b's memory into a's buffer.
+        let sink = pool.alloc().unwrap();
+        a.post_send(Some(sink), 8192, SendOp::Read(into, 0), None)
+            .unwrap();
+        let read = wait(&mut a, 1).remove(0);
+        assert!(
+            read.buf.unwrap().as_slice()[..8192] == pattern(9, 8192)[..],
+            "RDMA READ brought the peer's bytes"
+        );
+        // Reads outside the peer's region are refused before posting.
+        let r = a.post_send(
+            Some(pool.alloc().unwrap()),
+            8192,
+            SendOp::Read(into, 60 << 10),
+            None,
+        );
+        let (_, back) = r.unwrap_err();
+        assert!(back.is_some(), "a refused post gives its buffer back");
+
         // Closing with a receive outstanding flushes it before its buffer returns.
-        b.post_recv(pool.alloc().unwrap()).unwrap();
+        b.post_recv(Some(pool.alloc().unwrap())).unwrap();
         assert_eq!(b.outstanding(), 1);
+        drop(target);
     }
     assert_eq!(
         pool.available(),
         pool.count(),
         "every buffer back in the pool"
     );
-    println!("SEND and RDMA WRITE over rxe0 verified");
+    println!("SEND, RDMA WRITE (with immediate) and RDMA READ over rxe0 verified");
 }

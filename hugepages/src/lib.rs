@@ -341,6 +341,29 @@ impl DmaBuf {
         unsafe { std::ptr::write_volatile(p, value.to_le()) }
     }
 
+    /// Copies `dst.len()` bytes from byte `offset` into `dst` without forming a
+    /// reference to the rest of the buffer: for memory a peer's NIC writes into
+    /// (an RDMA receive ring), where only the range being read is known to be still.
+    pub fn copy_out(&self, offset: usize, dst: &mut [u8]) {
+        assert!(
+            offset
+                .checked_add(dst.len())
+                .is_some_and(|end| end <= self.pool.buf_size),
+            "copy of {} bytes at {offset} outside the {}-byte buffer",
+            dst.len(),
+            self.pool.buf_size
+        );
+        // SAFETY: [offset, offset + len) lies inside this buffer (checked), which the
+        // pool keeps mapped; dst is a distinct Rust slice, so the ranges do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.pool.buf_ptr(self.index).add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        }
+    }
+
     fn volatile_ptr(&self, offset: usize) -> *mut u32 {
         assert!(
             offset % 4 == 0 && offset + 4 <= self.pool.buf_size,

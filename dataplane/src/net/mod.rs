@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod frame;
 pub mod fuzzing;
+pub mod rdma;
 pub mod transport;
 
 pub use auth::ClusterKey;

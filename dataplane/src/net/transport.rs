@@ -1,7 +1,9 @@
 //! The transport seam: how a node listens for and dials its peers. The replication
 //! service polls whatever links a backend gives it in one epoll, so a backend is a
-//! non-blocking byte stream with a pollable fd: `tcp` here; `rdma` (RC queue pairs,
-//! polled through their completion channel's fd) plugs in the same way.
+//! non-blocking byte stream with a pollable fd: `tcp` here; `rdma` (`super::rdma`: RC
+//! queue pairs, polled through their completion channel's fd) plugs in the same way.
+//! A link may register more than one fd under its token, and an event on any of them
+//! may mean either direction: the service retries reads and writes on every event.
 
 use std::fmt::Debug;
 use std::io::{self, Read, Write};
@@ -70,6 +72,14 @@ pub fn tune(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
     s.set_linger(Some(Duration::ZERO))
 }
 
+/// A non-blocking TCP listener on `addr`; bound through std so that bind errors
+/// (address in use) are reported as such.
+pub fn bind(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(mio::net::TcpListener::from_std(l))
+}
+
 impl Link for mio::net::TcpStream {}
 
 impl Listener for mio::net::TcpListener {
@@ -88,10 +98,7 @@ impl Transport for Tcp {
         "tcp"
     }
     fn listen(&self, addr: SocketAddr) -> io::Result<Box<dyn Listener>> {
-        // Through std so that bind errors (address in use) are reported as such.
-        let l = std::net::TcpListener::bind(addr)?;
-        l.set_nonblocking(true)?;
-        Ok(Box::new(mio::net::TcpListener::from_std(l)))
+        Ok(Box::new(bind(addr)?))
     }
     fn dial(&self, addr: SocketAddr) -> io::Result<Box<dyn Link>> {
         let s = mio::net::TcpStream::connect(addr)?;

@@ -48,3 +48,27 @@ pub fn run_in_guest(name: &str, nvme_mib: u32) {
         "test {name} did not run in the guest:\n{text}"
     );
 }
+
+/// In the guest: loads soft-RoCE and adds rxe0 on the loopback interface (once).
+#[allow(dead_code)] // Included by test binaries that use no RDMA, too.
+pub fn add_rxe() {
+    let run = |cmd: &[&str]| {
+        let st = Command::new(cmd[0]).args(&cmd[1..]).status().unwrap();
+        assert!(st.success(), "{cmd:?}: {st}");
+    };
+    if std::path::Path::new("/sys/class/infiniband/rxe0").exists() {
+        return;
+    }
+    // rxe needs a crc32 driver to create a link.
+    run(&[
+        "modprobe",
+        "-d",
+        "/tmp/vmlab-root",
+        "-a",
+        "crc32_generic",
+        "rdma_rxe",
+        "ib_uverbs",
+    ]);
+    run(&["ip", "link", "set", "lo", "up"]);
+    run(&["rdma", "link", "add", "rxe0", "type", "rxe", "netdev", "lo"]);
+}

@@ -1,15 +1,19 @@
 //! Reliable-connected queue pairs over verbs, with the rules in the types:
-//! - A `Domain` (device context + protection domain) registers whole `DmaPool`s as
-//!   memory regions and keeps each pool's `Arc` until the region is deregistered, so
-//!   the NIC never reaches freed memory.
+//! - A `Domain` (device context + protection domain) is shared through an `Arc`: every
+//!   memory region and queue pair holds one, so the device outlives them.
+//! - A `MemoryRegion` registers a whole `DmaPool` and holds the pool's `Arc` until it
+//!   is deregistered, so the NIC never reaches freed memory. A queue pair holds the
+//!   regions its work may use, so they are deregistered only after it is destroyed.
 //! - Posting takes the `DmaBuf` by value; only a completion gives it back. A queue pair
 //!   dropped with work outstanding is moved to the error state and drained first; work
 //!   that does not flush in time keeps its buffers forever (leaked) rather than hand
 //!   them back while the NIC may still write them.
-//! - One completion queue per queue pair, polled by its owner (a dataplane core).
+//! - One completion queue per queue pair, polled by its owner, with a completion
+//!   channel whose fd turns readable when a completion arrives after `arm`.
 
 use std::collections::VecDeque;
 use std::ffi::CString;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,26 +26,32 @@ fn os(what: &'static str) -> Error {
     Error::last_os(what)
 }
 
-/// The device's context and one protection domain, with the pools registered in it.
+fn set_nonblocking(fd: RawFd) -> Result<(), Error> {
+    // SAFETY: fcntl on an fd we own, with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(os("fcntl(O_NONBLOCK) on a completion channel"));
+    }
+    Ok(())
+}
+
+/// The device's context and one protection domain.
 #[derive(Debug)]
 pub struct Domain {
     name: String,
     ctx: *mut sys::ibv_context,
     pd: *mut sys::ibv_pd,
-    regions: Vec<Region>,
+    /// Port 1's active MTU (IBV_MTU_*).
+    active_mtu: u32,
 }
 
-#[derive(Debug)]
-struct Region {
-    mr: *mut sys::ibv_mr,
-    pool: Arc<DmaPool>,
-}
-
-// SAFETY: verbs objects may be used from any thread; the Domain is only mutated through
-// &mut (registration), and its pointers stay valid until Drop.
+// SAFETY: verbs objects may be used from any thread, and the Domain never changes
+// after open; its pointers stay valid until Drop, which runs after every region and
+// queue pair holding its Arc is gone.
 unsafe impl Send for Domain {}
-// SAFETY: shared use only reads the pointers (creating CQs and QPs is thread-safe in
-// libibverbs).
+// SAFETY: shared use only reads the pointers (registering memory and creating CQs and
+// QPs is thread-safe in libibverbs).
 unsafe impl Sync for Domain {}
 
 /// Where a peer may write or read: a registered region's bus address, length and key.
@@ -64,7 +74,7 @@ pub struct Endpoint {
 
 impl Domain {
     /// Opens RDMA device `name` (e.g. "rxe0") and allocates a protection domain.
-    pub fn open(name: &str) -> Result<Domain, Error> {
+    pub fn open(name: &str) -> Result<Arc<Domain>, Error> {
         let mut n = 0;
         // SAFETY: n is a live local the call writes the count to.
         let list = unsafe { sys::ibv_get_device_list(&mut n) };
@@ -94,66 +104,33 @@ impl Domain {
                 "no RDMA device {name} (see `rdma link`)"
             )));
         }
-        // SAFETY: ctx is open.
-        let pd = unsafe { sys::ibv_alloc_pd(ctx) };
-        if pd.is_null() {
-            let e = os("ibv_alloc_pd");
-            // SAFETY: ctx is open and nothing else uses it.
-            unsafe { sys::ibv_close_device(ctx) };
-            return Err(e);
+        let ctx = super::Context(ctx);
+        let mut pa = sys::ibv_port_attr::default();
+        // SAFETY: ctx is open, pa is a live local of the full, current struct.
+        if unsafe { sys::___ibv_query_port(ctx.0, 1, &mut pa) } != 0 {
+            return Err(os("ibv_query_port"));
         }
-        Ok(Domain {
+        if pa.state != sys::ibv_port_state::IBV_PORT_ACTIVE {
+            return Err(Error::Unsupported(format!(
+                "RDMA device {name} port 1 is not active (is its network interface up?)"
+            )));
+        }
+        // SAFETY: ctx is open.
+        let pd = unsafe { sys::ibv_alloc_pd(ctx.0) };
+        if pd.is_null() {
+            return Err(os("ibv_alloc_pd"));
+        }
+        let ctx = std::mem::ManuallyDrop::new(ctx);
+        Ok(Arc::new(Domain {
             name: name.to_owned(),
-            ctx,
+            ctx: ctx.0,
             pd,
-            regions: Vec::new(),
-        })
+            active_mtu: pa.active_mtu.0,
+        }))
     }
 
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// Registers all of `pool` for local access and remote reads and writes.
-    pub fn register(&mut self, pool: &Arc<DmaPool>) -> Result<RemoteRegion, Error> {
-        let r = pool.region();
-        let access = sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
-            | sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
-            | sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
-        // SAFETY: the region is the pool's live mapping; `self.regions` keeps the pool's
-        // Arc until ibv_dereg_mr in Drop, so the memory outlives the registration.
-        let mr = unsafe { sys::ibv_reg_mr(self.pd, r.addr as *mut _, r.len, access.0 as i32) };
-        if mr.is_null() {
-            return Err(os("ibv_reg_mr"));
-        }
-        self.regions.push(Region {
-            mr,
-            pool: Arc::clone(pool),
-        });
-        // SAFETY: mr was just returned non-null and stays valid until Drop.
-        let rkey = unsafe { (*mr).rkey };
-        Ok(RemoteRegion {
-            addr: r.addr as u64,
-            len: r.len as u64,
-            rkey,
-        })
-    }
-
-    /// The local key covering `buf`.
-    fn lkey(&self, buf: &DmaBuf) -> Result<u32, Error> {
-        let region = self
-            .regions
-            .iter()
-            .find(|r| r.pool.id() == buf.pool_id())
-            .ok_or_else(|| {
-                Error::Unsupported(format!(
-                    "pool '{}' is not registered with {}",
-                    buf.pool().name(),
-                    self.name
-                ))
-            })?;
-        // SAFETY: the region's mr is valid until Drop.
-        Ok(unsafe { (*region.mr).lkey })
     }
 
     /// The GID at `index` of port 1.
@@ -170,16 +147,86 @@ impl Domain {
 
 impl Drop for Domain {
     fn drop(&mut self) {
-        for r in self.regions.drain(..) {
-            // SAFETY: mr came from ibv_reg_mr and is deregistered once; queue pairs
-            // borrow the Domain, so none is alive here.
-            unsafe { sys::ibv_dereg_mr(r.mr) };
-        }
-        // SAFETY: pd and ctx came from alloc/open and are released once, pd first.
+        // SAFETY: pd and ctx came from alloc/open and are released once, pd first; every
+        // region and queue pair holds the Domain's Arc, so none is alive here.
         unsafe {
             sys::ibv_dealloc_pd(self.pd);
             sys::ibv_close_device(self.ctx);
         }
+    }
+}
+
+/// A whole `DmaPool` registered for local access and remote reads and writes.
+#[derive(Debug)]
+pub struct MemoryRegion {
+    mr: *mut sys::ibv_mr,
+    pool: Arc<DmaPool>,
+    /// Held so the protection domain outlives the registration.
+    _domain: Arc<Domain>,
+}
+
+// SAFETY: the registration never changes after creation and is released once, in Drop.
+unsafe impl Send for MemoryRegion {}
+// SAFETY: shared use only reads the keys.
+unsafe impl Sync for MemoryRegion {}
+
+impl MemoryRegion {
+    pub fn register(domain: &Arc<Domain>, pool: &Arc<DmaPool>) -> Result<Arc<Self>, Error> {
+        let r = pool.region();
+        let access = sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+            | sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
+            | sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
+        // SAFETY: the region is the pool's live mapping; the MemoryRegion keeps the
+        // pool's Arc until ibv_dereg_mr in Drop, so the memory outlives the registration.
+        let mr = unsafe { sys::ibv_reg_mr(domain.pd, r.addr as *mut _, r.len, access.0 as i32) };
+        if mr.is_null() {
+            return Err(os("ibv_reg_mr"));
+        }
+        Ok(Arc::new(MemoryRegion {
+            mr,
+            pool: Arc::clone(pool),
+            _domain: Arc::clone(domain),
+        }))
+    }
+
+    /// The whole region, for a peer.
+    pub fn remote(&self) -> RemoteRegion {
+        let r = self.pool.region();
+        RemoteRegion {
+            addr: r.addr as u64,
+            len: r.len as u64,
+            // SAFETY: mr is valid until Drop.
+            rkey: unsafe { (*self.mr).rkey },
+        }
+    }
+
+    /// One buffer of the region, for a peer.
+    pub fn remote_of(&self, buf: &DmaBuf) -> Result<RemoteRegion, Error> {
+        self.covers(buf)?;
+        Ok(RemoteRegion {
+            addr: buf.addr() as u64,
+            len: buf.capacity() as u64,
+            rkey: self.remote().rkey,
+        })
+    }
+
+    fn covers(&self, buf: &DmaBuf) -> Result<(), Error> {
+        if buf.pool_id() != self.pool.id() {
+            return Err(Error::Unsupported(format!(
+                "buffer of pool '{}' is not in region '{}'",
+                buf.pool().name(),
+                self.pool.name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MemoryRegion {
+    fn drop(&mut self) {
+        // SAFETY: mr came from ibv_reg_mr and is deregistered once; queue pairs hold
+        // the regions they use, so none is alive here.
+        unsafe { sys::ibv_dereg_mr(self.mr) };
     }
 }
 
@@ -189,46 +236,104 @@ pub struct Completion {
     pub wr_id: u64,
     /// None on success, else libibverbs' description of the status.
     pub error: Option<String>,
-    /// Bytes received (receives).
+    /// A receive (SEND or RDMA WRITE with immediate from the peer), not our own work.
+    pub recv: bool,
+    /// Bytes received (receives) or written into our memory (RDMA WRITE with imm).
     pub byte_len: u32,
+    /// The peer's immediate value (host order), when it sent one.
+    pub imm: Option<u32>,
     pub buf: Option<DmaBuf>,
 }
 
-/// One RC queue pair with its own completion queue.
+/// What a send-queue work request does.
+#[derive(Clone, Copy, Debug)]
+pub enum SendOp {
+    /// A message into the peer's next posted receive.
+    Send,
+    /// Written into the peer's memory at (region, offset); no receive consumed.
+    Write(RemoteRegion, u64),
+    /// Read from the peer's memory at (region, offset) into our buffer.
+    Read(RemoteRegion, u64),
+}
+
+/// Work posted and refused: the error, and the buffer back (the NIC never saw it).
+pub type Refused = (Error, Option<DmaBuf>);
+
 #[derive(Debug)]
-pub struct QueuePair<'d> {
-    domain: &'d Domain,
+enum Slot {
+    Free,
+    /// A send-queue request (`send`) or a receive, with its buffer.
+    Posted {
+        buf: Option<DmaBuf>,
+        send: bool,
+    },
+}
+
+/// One RC queue pair with its own completion queue and completion channel.
+#[derive(Debug)]
+pub struct QueuePair {
+    channel: *mut sys::ibv_comp_channel,
     cq: *mut sys::ibv_cq,
     qp: *mut sys::ibv_qp,
     psn: u32,
     gid_index: u8,
-    /// Buffers of posted work, by wr_id (the slot index).
-    slots: Vec<Option<DmaBuf>>,
+    depth: u32,
+    /// Work by wr_id (the slot index), holding its buffer until its completion.
+    slots: Vec<Slot>,
     free: VecDeque<usize>,
+    sends: u32,
+    // Dropped after the queue pair is destroyed (fields drop after Drop::drop).
+    regions: Vec<Arc<MemoryRegion>>,
+    domain: Arc<Domain>,
 }
 
 // SAFETY: a queue pair is used by one owner at a time (&mut for every operation).
-unsafe impl Send for QueuePair<'_> {}
+unsafe impl Send for QueuePair {}
 
 const CQ_POLL_BATCH: usize = 16;
 
-impl<'d> QueuePair<'d> {
-    /// Creates a queue pair for up to `depth` outstanding sends and receives each, and
-    /// moves it to INIT (receives may be posted from now on). `gid_index` selects the
-    /// local GID (RoCE v2: the IPv4-mapped one).
-    pub fn new(domain: &'d Domain, depth: u32, gid_index: u8, psn: u32) -> Result<Self, Error> {
-        // SAFETY: ctx is open; no channel, no context.
+impl QueuePair {
+    /// Creates a queue pair for up to `depth` outstanding sends and receives each, whose
+    /// work may use buffers of `regions`, and moves it to INIT (receives may be posted
+    /// from now on). `gid_index` selects the local GID (RoCE v2: the IPv4-mapped one).
+    pub fn new(
+        domain: &Arc<Domain>,
+        regions: Vec<Arc<MemoryRegion>>,
+        depth: u32,
+        gid_index: u8,
+        psn: u32,
+    ) -> Result<Self, Error> {
+        assert!(depth > 0, "queue pair depth");
+        // SAFETY: ctx is open.
+        let channel = unsafe { sys::ibv_create_comp_channel(domain.ctx) };
+        if channel.is_null() {
+            return Err(os("ibv_create_comp_channel"));
+        }
+        // SAFETY: channel is live; its fd stays open until ibv_destroy_comp_channel.
+        let fd = unsafe { (*channel).fd };
+        let nonblocking = set_nonblocking(fd);
+        // SAFETY: ctx is open; the channel is live.
         let cq = unsafe {
             sys::ibv_create_cq(
                 domain.ctx,
                 (2 * depth) as i32,
                 std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                channel,
                 0,
             )
         };
-        if cq.is_null() {
-            return Err(os("ibv_create_cq"));
+        if nonblocking.is_err() || cq.is_null() {
+            let e = match nonblocking {
+                Err(e) => e,
+                Ok(()) => os("ibv_create_cq"),
+            };
+            if !cq.is_null() {
+                // SAFETY: the CQ has no queue pair and no events.
+                unsafe { sys::ibv_destroy_cq(cq) };
+            }
+            // SAFETY: no CQ uses the channel any more.
+            unsafe { sys::ibv_destroy_comp_channel(channel) };
+            return Err(e);
         }
         let mut init = sys::ibv_qp_init_attr {
             send_cq: cq,
@@ -248,19 +353,26 @@ impl<'d> QueuePair<'d> {
         let qp = unsafe { sys::ibv_create_qp(domain.pd, &mut init) };
         if qp.is_null() {
             let e = os("ibv_create_qp");
-            // SAFETY: the CQ has no queue pair and no events.
-            unsafe { sys::ibv_destroy_cq(cq) };
+            // SAFETY: the CQ has no queue pair and no events; then nothing uses the channel.
+            unsafe {
+                sys::ibv_destroy_cq(cq);
+                sys::ibv_destroy_comp_channel(channel);
+            }
             return Err(e);
         }
         let slots = (2 * depth) as usize;
         let mut me = QueuePair {
-            domain,
+            channel,
             cq,
             qp,
             psn: psn & 0xff_ffff,
             gid_index,
-            slots: (0..slots).map(|_| None).collect(),
+            depth,
+            slots: (0..slots).map(|_| Slot::Free).collect(),
             free: (0..slots).collect(),
+            sends: 0,
+            regions,
+            domain: Arc::clone(domain),
         };
         let mut attr = sys::ibv_qp_attr {
             qp_state: sys::ibv_qp_state::IBV_QPS_INIT,
@@ -278,6 +390,11 @@ impl<'d> QueuePair<'d> {
             | sys::ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
         me.modify(&mut attr, mask, "modify QP to INIT")?;
         Ok(me)
+    }
+
+    /// Lets this queue pair's work use buffers of `region` too.
+    pub fn add_region(&mut self, region: Arc<MemoryRegion>) {
+        self.regions.push(region);
     }
 
     fn modify(
@@ -304,15 +421,18 @@ impl<'d> QueuePair<'d> {
             qpn: unsafe { (*self.qp).qp_num },
             psn: self.psn,
             gid: self.domain.gid(i32::from(self.gid_index))?,
-            mtu: sys::ibv_mtu::IBV_MTU_1024.0,
+            mtu: self.domain.active_mtu,
         })
     }
 
     /// Connects to the peer's queue pair: INIT -> RTR -> RTS.
     pub fn connect(&mut self, peer: &Endpoint) -> Result<(), Error> {
+        if !(1..=5).contains(&peer.mtu) {
+            return Err(Error::Unsupported(format!("peer MTU code {}", peer.mtu)));
+        }
         let mut attr = sys::ibv_qp_attr {
             qp_state: sys::ibv_qp_state::IBV_QPS_RTR,
-            path_mtu: sys::ibv_mtu(peer.mtu.min(sys::ibv_mtu::IBV_MTU_1024.0)),
+            path_mtu: sys::ibv_mtu(peer.mtu.min(self.domain.active_mtu)),
             dest_qp_num: peer.qpn,
             rq_psn: peer.psn,
             max_dest_rd_atomic: 1,
@@ -358,42 +478,100 @@ impl<'d> QueuePair<'d> {
         self.modify(&mut attr, m, "modify QP to RTS")
     }
 
-    fn take_slot(&mut self, buf: DmaBuf) -> Result<(u64, u64, u32), (Error, DmaBuf)> {
-        let lkey = match self.domain.lkey(&buf) {
-            Ok(k) => k,
-            Err(e) => return Err((e, buf)),
+    /// The completion channel's fd (non-blocking): readable once a completion arrives
+    /// after `arm`.
+    pub fn fd(&self) -> RawFd {
+        // SAFETY: the channel is live until Drop.
+        unsafe { (*self.channel).fd }
+    }
+
+    /// Consumes the channel's pending events and asks for one at the next completion.
+    /// Poll after arming: a completion that came before it raises no event.
+    pub fn arm(&mut self) -> Result<(), Error> {
+        loop {
+            let mut cq = std::ptr::null_mut();
+            let mut ctx = std::ptr::null_mut();
+            // SAFETY: the channel is live and non-blocking; cq and ctx are live locals.
+            if unsafe { sys::ibv_get_cq_event(self.channel, &mut cq, &mut ctx) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    break;
+                }
+                return Err(Error::Os {
+                    what: "ibv_get_cq_event",
+                    source: e,
+                });
+            }
+            // SAFETY: the event was for our only CQ; acked at once, so none is pending
+            // when the CQ is destroyed.
+            unsafe { sys::ibv_ack_cq_events(cq, 1) };
+        }
+        // SAFETY: cq is live.
+        let rc = unsafe { sys::ibv_req_notify_cq(self.cq, 0) };
+        if rc != 0 {
+            return Err(Error::Os {
+                what: "ibv_req_notify_cq",
+                source: std::io::Error::from_raw_os_error(rc),
+            });
+        }
+        Ok(())
+    }
+
+    fn lkey(&self, buf: &DmaBuf) -> Result<u32, Error> {
+        let region = self
+            .regions
+            .iter()
+            .find(|r| r.pool.id() == buf.pool_id())
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "pool '{}' is not registered for this queue pair on {}",
+                    buf.pool().name(),
+                    self.domain.name
+                ))
+            })?;
+        // SAFETY: the region's mr is valid while the region lives, which it does.
+        Ok(unsafe { (*region.mr).lkey })
+    }
+
+    /// Takes a work-request slot for `buf`: (wr_id, address, lkey).
+    fn take_slot(&mut self, buf: Option<DmaBuf>, send: bool) -> Result<(u64, u64, u32), Refused> {
+        let (addr, lkey) = match &buf {
+            Some(b) => match self.lkey(b) {
+                Ok(k) => (b.addr() as u64, k),
+                Err(e) => return Err((e, buf)),
+            },
+            None => (0, 0),
         };
         let Some(slot) = self.free.pop_front() else {
-            return Err((
-                Error::QueuePairFull {
-                    outstanding: self.slots.len(),
-                },
-                buf,
-            ));
+            let outstanding = self.slots.len();
+            return Err((Error::QueuePairFull { outstanding }, buf));
         };
-        let addr = buf.addr() as u64;
-        self.slots[slot] = Some(buf);
+        self.slots[slot] = Slot::Posted { buf, send };
         Ok((slot as u64, addr, lkey))
     }
 
     /// The outcome of posting work request `wr_id`: refused (`rc` != 0) gives its
     /// buffer back, since the NIC never saw it.
-    fn posted(&mut self, wr_id: u64, rc: i32, what: &'static str) -> Result<u64, (Error, DmaBuf)> {
+    fn posted(&mut self, wr_id: u64, rc: i32, what: &'static str) -> Result<u64, Refused> {
         if rc == 0 {
             return Ok(wr_id);
         }
-        let buf = self.slots[wr_id as usize]
-            .take()
-            .expect("a posted slot holds its buffer");
+        let slot = std::mem::replace(&mut self.slots[wr_id as usize], Slot::Free);
+        let Slot::Posted { buf, .. } = slot else {
+            unreachable!("a posted work request holds its slot");
+        };
         self.free.push_back(wr_id as usize);
         let source = std::io::Error::from_raw_os_error(rc);
         Err((Error::Os { what, source }, buf))
     }
 
-    /// Posts a receive into `buf` (its whole capacity). Returns the work request id.
-    pub fn post_recv(&mut self, buf: DmaBuf) -> Result<u64, (Error, DmaBuf)> {
-        let cap = buf.capacity() as u32;
-        let (wr_id, addr, lkey) = self.take_slot(buf)?;
+    /// Posts a receive into `buf` (its whole capacity), or with no buffer (`None`) one
+    /// that takes only an RDMA WRITE with immediate or an empty message. Returns the
+    /// work request id.
+    pub fn post_recv(&mut self, buf: Option<DmaBuf>) -> Result<u64, Refused> {
+        let cap = buf.as_ref().map_or(0, |b| b.capacity() as u32);
+        let has_buf = buf.is_some();
+        let (wr_id, addr, lkey) = self.take_slot(buf, false)?;
         let mut sge = sys::ibv_sge {
             addr,
             length: cap,
@@ -401,8 +579,12 @@ impl<'d> QueuePair<'d> {
         };
         let mut wr = sys::ibv_recv_wr {
             wr_id,
-            sg_list: &mut sge,
-            num_sge: 1,
+            sg_list: if has_buf {
+                &mut sge
+            } else {
+                std::ptr::null_mut()
+            },
+            num_sge: i32::from(has_buf),
             ..Default::default()
         };
         let mut bad = std::ptr::null_mut();
@@ -412,51 +594,76 @@ impl<'d> QueuePair<'d> {
         self.posted(wr_id, rc, "ibv_post_recv")
     }
 
-    /// Sends the first `len` bytes of `buf`: as a message into the peer's next posted
-    /// receive, or (with `remote`) written straight into the peer's memory at
-    /// `remote.addr` (RDMA WRITE, no receive consumed). Returns the work request id.
+    /// Sends the first `len` bytes of `buf` (to read: `len` bytes into it), as `op`
+    /// says. With `imm`, a SEND or WRITE also completes a receive at the peer that
+    /// carries the value. A `None` buffer posts an empty message (`len` 0). Returns
+    /// the work request id.
     pub fn post_send(
         &mut self,
-        buf: DmaBuf,
+        buf: Option<DmaBuf>,
         len: u32,
-        remote: Option<(RemoteRegion, u64)>,
-    ) -> Result<u64, (Error, DmaBuf)> {
-        if len as usize > buf.capacity() {
-            let cap = buf.capacity();
+        op: SendOp,
+        imm: Option<u32>,
+    ) -> Result<u64, Refused> {
+        let cap = buf.as_ref().map_or(0, DmaBuf::capacity);
+        if len as usize > cap {
             return Err((Error::BufferTooSmall { len, capacity: cap }, buf));
         }
+        let remote = match op {
+            SendOp::Send => None,
+            SendOp::Write(r, off) | SendOp::Read(r, off) => Some((r, off)),
+        };
         if let Some((r, off)) = remote {
             if off
                 .checked_add(u64::from(len))
                 .is_none_or(|end| end > r.len)
             {
-                return Err((
-                    Error::Unsupported(format!(
-                        "RDMA write of {len} bytes at {off} outside the peer's {}-byte region",
-                        r.len
-                    )),
-                    buf,
+                let e = Error::Unsupported(format!(
+                    "RDMA access of {len} bytes at {off} outside the peer's {}-byte region",
+                    r.len
                 ));
+                return Err((e, buf));
             }
         }
-        let (wr_id, addr, lkey) = self.take_slot(buf)?;
+        if matches!(op, SendOp::Read(..)) && (imm.is_some() || len == 0) {
+            // Zero-length reads crash some soft-RoCE kernels; reads carry no immediate.
+            let e = Error::Unsupported("an RDMA read needs a length and no immediate".into());
+            return Err((e, buf));
+        }
+        if self.sends >= self.depth {
+            let outstanding = self.sends as usize;
+            return Err((Error::QueuePairFull { outstanding }, buf));
+        }
+        let has_buf = buf.is_some();
+        let (wr_id, addr, lkey) = self.take_slot(buf, true)?;
         let mut sge = sys::ibv_sge {
             addr,
             length: len,
             lkey,
         };
+        use sys::ibv_wr_opcode as Op;
+        let opcode = match (op, imm.is_some()) {
+            (SendOp::Send, false) => Op::IBV_WR_SEND,
+            (SendOp::Send, true) => Op::IBV_WR_SEND_WITH_IMM,
+            (SendOp::Write(..), false) => Op::IBV_WR_RDMA_WRITE,
+            (SendOp::Write(..), true) => Op::IBV_WR_RDMA_WRITE_WITH_IMM,
+            (SendOp::Read(..), _) => Op::IBV_WR_RDMA_READ,
+        };
         let mut wr = sys::ibv_send_wr {
             wr_id,
-            sg_list: &mut sge,
-            num_sge: 1,
-            opcode: if remote.is_some() {
-                sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE
+            sg_list: if has_buf {
+                &mut sge
             } else {
-                sys::ibv_wr_opcode::IBV_WR_SEND
+                std::ptr::null_mut()
             },
+            num_sge: i32::from(has_buf),
+            opcode,
             send_flags: sys::ibv_send_flags::IBV_SEND_SIGNALED.0,
             ..Default::default()
         };
+        if let Some(v) = imm {
+            wr.__bindgen_anon_1.imm_data = v.to_be();
+        }
         if let Some((r, off)) = remote {
             wr.wr.rdma = sys::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 {
                 remote_addr: r.addr + off,
@@ -467,7 +674,11 @@ impl<'d> QueuePair<'d> {
         // SAFETY: qp is live; wr and sge are live locals; the buffer stays in `slots`
         // until its completion is polled.
         let rc = unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) };
-        self.posted(wr_id, rc, "ibv_post_send")
+        let r = self.posted(wr_id, rc, "ibv_post_send");
+        if r.is_ok() {
+            self.sends += 1;
+        }
+        r
     }
 
     /// Appends finished work (with its buffer) to `out`; returns how many. Never blocks.
@@ -478,11 +689,22 @@ impl<'d> QueuePair<'d> {
         let n = usize::try_from(n).unwrap_or(0);
         for wc in &wcs[..n] {
             let slot = wc.wr_id as usize;
-            let buf = self.slots.get_mut(slot).and_then(Option::take);
-            if buf.is_some() {
-                self.free.push_back(slot);
+            let mut buf = None;
+            // On error only wr_id, status and vendor_err are valid: the kind comes from
+            // what was posted in the slot.
+            let mut recv = false;
+            if let Some(s) = self.slots.get_mut(slot) {
+                if let Slot::Posted { buf: b, send } = std::mem::replace(s, Slot::Free) {
+                    buf = b;
+                    recv = !send;
+                    if send {
+                        self.sends -= 1;
+                    }
+                    self.free.push_back(slot);
+                }
             }
-            let error = (wc.status != sys::ibv_wc_status::IBV_WC_SUCCESS).then(|| {
+            let ok = wc.status == sys::ibv_wc_status::IBV_WC_SUCCESS;
+            let error = (!ok).then(|| {
                 // SAFETY: returns a static string for any status value.
                 let s = unsafe { std::ffi::CStr::from_ptr(sys::ibv_wc_status_str(wc.status)) };
                 format!(
@@ -492,10 +714,15 @@ impl<'d> QueuePair<'d> {
                     wc.vendor_err
                 )
             });
+            let with_imm = wc.wc_flags & sys::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
             out.push(Completion {
                 wr_id: wc.wr_id,
                 error,
+                recv,
                 byte_len: wc.byte_len,
+                // SAFETY: both union members are plain u32s.
+                imm: (ok && with_imm)
+                    .then(|| u32::from_be(unsafe { wc.__bindgen_anon_1.imm_data })),
                 buf,
             });
         }
@@ -508,7 +735,7 @@ impl<'d> QueuePair<'d> {
     }
 }
 
-impl Drop for QueuePair<'_> {
+impl Drop for QueuePair {
     fn drop(&mut self) {
         if self.outstanding() > 0 {
             // The error state flushes every outstanding request; wait for the flushes
@@ -534,15 +761,20 @@ impl Drop for QueuePair<'_> {
                     outstanding = self.outstanding(),
                     "RDMA work did not flush: leaking its buffers"
                 );
-                for b in self.slots.iter_mut().filter_map(Option::take) {
-                    std::mem::forget(b);
+                for s in &mut self.slots {
+                    if let Slot::Posted { buf: Some(b), .. } = std::mem::replace(s, Slot::Free) {
+                        std::mem::forget(b);
+                    }
                 }
             }
         }
-        // SAFETY: qp and cq came from create and are destroyed once, the QP first.
+        // Events already consumed were acked by `arm`; ack none twice.
+        // SAFETY: qp, cq and channel came from create and are destroyed once, in this
+        // order (a CQ before its channel).
         unsafe {
             sys::ibv_destroy_qp(self.qp);
             sys::ibv_destroy_cq(self.cq);
+            sys::ibv_destroy_comp_channel(self.channel);
         }
     }
 }
