@@ -91,6 +91,25 @@ pub struct ClusterConfig {
     /// 1..604800 (default 300).
     #[serde(default = "default_node_lost_after_s")]
     pub node_lost_after_s: u32,
+    /// How this node reaches its peers: "tcp" (default) or "rdma" (RC queue pairs on
+    /// `rdma_device`; set-up over TCP on `listen`, where clients stay on TCP).
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// The RDMA device for `transport = "rdma"` ("mlx5_0", or soft-RoCE's "rxe0").
+    #[serde(default)]
+    pub rdma_device: Option<String>,
+    /// Its GID index, 0..255 (default: the first RoCE v2 GID with an IPv4 address).
+    #[serde(default)]
+    pub rdma_gid_index: Option<u32>,
+}
+
+/// Peer transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    #[default]
+    Tcp,
+    Rdma,
 }
 
 fn default_cluster_name() -> String {
@@ -120,6 +139,20 @@ impl ClusterConfig {
         CLUSTER_CHAINS_MAX.check(u64::from(self.chains_max), p);
         CLUSTER_LEASE_TTL_S.check(u64::from(self.lease_ttl_s), p);
         CLUSTER_NODE_LOST_AFTER_S.check(u64::from(self.node_lost_after_s), p);
+        if let Some(i) = self.rdma_gid_index {
+            CLUSTER_RDMA_GID_INDEX.check(u64::from(i), p);
+        }
+        match (self.transport, self.rdma_device.as_deref()) {
+            (TransportKind::Rdma, None | Some("")) => p.push(
+                "cluster.rdma_device: required when cluster.transport = \"rdma\" \
+                 (an RDMA device name, see `rdma link`)"
+                    .to_owned(),
+            ),
+            (TransportKind::Tcp, Some(_)) => p.push(
+                "cluster.rdma_device: only used with cluster.transport = \"rdma\"".to_owned(),
+            ),
+            _ => {}
+        }
         if self.listen.ip().is_unspecified() || self.listen.port() == 0 {
             p.push(format!(
                 "cluster.listen = \"{}\": must be this node's own address and a port \
@@ -534,14 +567,20 @@ const CLUSTER_NODE_LOST_AFTER_S: IntRange = IntRange {
     min: 1,
     max: 604_800,
 };
+const CLUSTER_RDMA_GID_INDEX: IntRange = IntRange {
+    key: "cluster.rdma_gid_index",
+    min: 0,
+    max: 255,
+};
 
-const INT_RANGES: [&IntRange; 16] = [
+const INT_RANGES: [&IntRange; 17] = [
     &CLUSTER_NODE_ID,
     &CLUSTER_REPLICATION,
     &CLUSTER_INITIAL_NODES,
     &CLUSTER_CHAINS_MAX,
     &CLUSTER_LEASE_TTL_S,
     &CLUSTER_NODE_LOST_AFTER_S,
+    &CLUSTER_RDMA_GID_INDEX,
     &DEVICE_SHARDS,
     &DEVICE_QUEUE_DEPTH,
     &DATAPLANE_CORES,

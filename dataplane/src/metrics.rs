@@ -34,6 +34,7 @@ pub const C_SYNC_CHUNKS: usize = 17;
 pub const C_SYNC_BYTES: usize = 18;
 pub const C_SYNC_APPLIED: usize = 19;
 pub const C_NET_DIRECT_WRITES: usize = 20;
+pub const C_NET_PEER_LINKS_LOST: usize = 21;
 
 pub const G_IN_FLIGHT: usize = 0;
 
@@ -85,6 +86,10 @@ pub static SCHEMA: Schema = Schema {
         MetricDef::new(
             "net_direct_writes",
             "Large writes received straight from the socket into a DMA buffer",
+        ),
+        MetricDef::new(
+            "net_peer_links_lost",
+            "Links to peers that failed or closed after their handshake (dialed again when needed)",
         ),
     ],
     gauges: &[MetricDef::new(

@@ -485,6 +485,12 @@ fn failed_node_is_bypassed_then_resyncs() {
             n.id
         );
     }
+    // The links to node 3 that died with it were counted (and dialed again).
+    let lost: u64 = nodes[..2]
+        .iter()
+        .map(|n| n.engine.as_ref().unwrap().perf().snapshot().counters["net_peer_links_lost"])
+        .sum();
+    assert!(lost >= 1, "links to the stopped node counted as lost");
 }
 
 /// A chunk that keeps growing while its returning replica resyncs (a log appending at

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token};
 use rand::{Rng, SeedableRng};
 use spool_dataplane::net::rdma::{Rdma, RdmaOptions};
-use spool_dataplane::net::transport::{Link, Tcp, Transport};
+use spool_dataplane::net::transport::{Link, Listener, Tcp, Transport};
 use vmlab::{add_rxe, in_guest, run_in_guest};
 
 /// A wakeup that does not come within this long is a missed event.
@@ -53,18 +53,7 @@ fn connect(t: &dyn Transport) -> Pair {
         .unwrap();
     let mut a = t.dial(listener.local_addr().unwrap()).unwrap();
     let mut events = Events::with_capacity(64);
-    let t0 = Instant::now();
-    let mut b = loop {
-        match listener.accept() {
-            Ok(l) => break l,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                assert!(t0.elapsed() < EVENT_WAIT, "no connection to accept");
-                poll.poll(&mut events, Some(Duration::from_millis(100)))
-                    .unwrap();
-            }
-            Err(e) => panic!("accept: {e}"),
-        }
-    };
+    let mut b = accept(&mut poll, &mut events, &mut *listener);
     let flags = Interest::READABLE | Interest::WRITABLE;
     poll.registry().register(&mut *a, Token(0), flags).unwrap();
     poll.registry().register(&mut *b, Token(1), flags).unwrap();
@@ -79,6 +68,20 @@ fn connect(t: &dyn Transport) -> Pair {
         poll,
         events,
         ends: [end(a), end(b)],
+    }
+}
+
+fn accept(poll: &mut Poll, events: &mut Events, listener: &mut dyn Listener) -> Box<dyn Link> {
+    let t0 = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok(l) => return l,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                assert!(t0.elapsed() < EVENT_WAIT, "no connection to accept");
+                poll.poll(events, Some(Duration::from_millis(100))).unwrap();
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
     }
 }
 
@@ -295,7 +298,59 @@ fn dialing_nothing_fails(t: &dyn Transport) {
     assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
 }
 
+/// A client speaking plain TCP to a listener's port is served as a byte stream both
+/// ways (the rdma transport keeps clients, tools and benchmarks, on TCP).
+fn a_plain_tcp_client_is_served(t: &dyn Transport) {
+    let mut poll = Poll::new().unwrap();
+    let mut listener = t.listen(loopback()).unwrap();
+    poll.registry()
+        .register(&mut *listener, Token(9), Interest::READABLE)
+        .unwrap();
+    let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    client.set_read_timeout(Some(EVENT_WAIT)).unwrap();
+    let hello = b"SPOOl, but not the rdma hello: a client frame";
+    client.write_all(hello).unwrap();
+    let mut events = Events::with_capacity(8);
+    let mut link = accept(&mut poll, &mut events, &mut *listener);
+    poll.registry()
+        .register(&mut *link, Token(1), Interest::READABLE | Interest::WRITABLE)
+        .unwrap();
+    let mut got = Vec::new();
+    let t0 = Instant::now();
+    while got.len() < hello.len() {
+        let mut buf = [0u8; 7];
+        match link.read(&mut buf) {
+            Ok(0) => panic!("end of stream after {} bytes", got.len()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                assert!(t0.elapsed() < EVENT_WAIT, "the client's bytes never came");
+                poll.poll(&mut events, Some(Duration::from_millis(200)))
+                    .unwrap();
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    assert_eq!(got, hello);
+    let reply = b"served on the same port";
+    let mut sent = 0;
+    while sent < reply.len() {
+        match link.write(&reply[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                poll.poll(&mut events, Some(Duration::from_millis(200)))
+                    .unwrap();
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+        assert!(t0.elapsed() < EVENT_WAIT, "the reply never went");
+    }
+    let mut back = [0u8; 23];
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(&back, reply);
+}
+
 fn suite(t: &dyn Transport, total: u64) {
+    a_plain_tcp_client_is_served(t);
     ordered_bytes_both_ways(t, total);
     a_stopped_reader_holds_the_writer_back(t);
     a_closed_end_is_seen_by_the_other(t);
@@ -318,6 +373,38 @@ fn rdma_tight() -> RdmaOptions {
     }
 }
 
+/// A dialer that starts like an rdma peer and then sends a bad hello is refused with
+/// an error that says why (never a panic, never a hang).
+fn a_bad_rdma_hello_is_refused(t: &dyn Transport) {
+    let mut poll = Poll::new().unwrap();
+    let mut listener = t.listen(loopback()).unwrap();
+    poll.registry()
+        .register(&mut *listener, Token(9), Interest::READABLE)
+        .unwrap();
+    let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let mut bad = [0xffu8; 64];
+    bad[..4].copy_from_slice(b"SPRD");
+    client.write_all(&bad).unwrap();
+    let mut events = Events::with_capacity(8);
+    let mut link = accept(&mut poll, &mut events, &mut *listener);
+    poll.registry()
+        .register(&mut *link, Token(1), Interest::READABLE | Interest::WRITABLE)
+        .unwrap();
+    let t0 = Instant::now();
+    let err = loop {
+        match link.read(&mut [0u8; 64]) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                assert!(t0.elapsed() < EVENT_WAIT, "a bad hello was never refused");
+                poll.poll(&mut events, Some(Duration::from_millis(200)))
+                    .unwrap();
+            }
+            Err(e) => break e,
+            Ok(n) => panic!("read {n} bytes from a link with a bad hello"),
+        }
+    };
+    assert!(err.to_string().contains("hello version 65535"), "{err}");
+}
+
 #[test]
 fn rdma_passes_the_transport_conformance_suite() {
     if in_guest().is_none() {
@@ -329,4 +416,5 @@ fn rdma_passes_the_transport_conformance_suite() {
     suite(&*rdma, 16 << 20);
     let tight = Rdma::open("rxe0", None, rdma_tight()).unwrap();
     suite(&tight, 4 << 20);
+    a_bad_rdma_hello_is_refused(&*rdma);
 }

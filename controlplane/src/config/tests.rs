@@ -40,6 +40,18 @@ fn example_config_loads() {
 }
 
 #[test]
+fn cluster_example_configs_load() {
+    for (id, text) in [
+        (1, include_str!("../../../deploy/examples/cluster/node1.toml")),
+        (2, include_str!("../../../deploy/examples/cluster/node2.toml")),
+        (3, include_str!("../../../deploy/examples/cluster/node3.toml")),
+    ] {
+        let c = Config::from_toml_str(text).unwrap().cluster.unwrap();
+        assert_eq!((c.node_id, c.transport), (id, TransportKind::Tcp));
+    }
+}
+
+#[test]
 fn defaults() {
     let c = Config::from_toml_str(MINIMAL).unwrap();
     assert!(node_name_problem(&c.node.name).is_none());
@@ -564,6 +576,36 @@ fn cluster_section_is_optional_and_checked_by_key() {
         &["cluster.lease_ttl_s = 0"],
     );
     assert_has(&device(&format!("{CLUSTER}colour = 1\n")), &["colour"]);
+    // The transport: tcp by default; rdma needs its device.
+    assert_eq!(c.transport, TransportKind::Tcp);
+    let rdma = with(&format!(
+        "{CLUSTER}transport = \"rdma\"\nrdma_device = \"rxe0\"\nrdma_gid_index = 1\n"
+    ))
+    .unwrap()
+    .cluster
+    .unwrap();
+    assert_eq!(
+        (rdma.transport, rdma.rdma_device.as_deref(), rdma.rdma_gid_index),
+        (TransportKind::Rdma, Some("rxe0"), Some(1))
+    );
+    assert_has(
+        &device(&format!("{CLUSTER}transport = \"rdma\"\n")),
+        &["cluster.rdma_device: required when cluster.transport = \"rdma\""],
+    );
+    assert_has(
+        &device(&format!("{CLUSTER}rdma_device = \"rxe0\"\n")),
+        &["cluster.rdma_device: only used with cluster.transport = \"rdma\""],
+    );
+    assert_has(
+        &device(&format!(
+            "{CLUSTER}transport = \"rdma\"\nrdma_device = \"rxe0\"\nrdma_gid_index = 300\n"
+        )),
+        &["cluster.rdma_gid_index = 300", "between 0 and 255"],
+    );
+    assert_has(
+        &device(&format!("{CLUSTER}transport = \"udp\"\n")),
+        &["cluster.transport", "tcp", "rdma"],
+    );
     // Every cluster node may mount: the mount serves the cluster-wide namespace.
     let m = with(&format!("{CLUSTER}[mount]\nmountpoint = \"/mnt/spool\"\n")).unwrap();
     assert!(m.cluster.is_some() && m.mount.mountpoint.is_some());

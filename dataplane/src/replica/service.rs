@@ -824,6 +824,8 @@ impl Net {
         let _ = self.poll.registry().deregister(&mut *c.sock);
         if !matches!(c.hs, Hs::Ready) {
             self.engine.perf().global().inc(m::C_NET_AUTH_FAILURES);
+        } else if c.peer.is_some() {
+            self.engine.perf().global().inc(m::C_NET_PEER_LINKS_LOST);
         }
         if let Some(p) = c.peer {
             if self.peers.get(&p) == Some(&ci) {

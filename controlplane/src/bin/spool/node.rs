@@ -569,11 +569,11 @@ pub fn serve(config_path: &Path) -> Result<()> {
                     spool_dataplane::net::auth::KEY_BYTES_MIN
                 )
             })?;
-            let r = Replica::start(
-                Arc::clone(&engine),
-                ReplicaOptions::new(c.node_id, c.listen, key.clone()),
-            )?;
-            tracing::info!(node_id = c.node_id, listen = %c.listen, "transport listening");
+            let mut ro = ReplicaOptions::new(c.node_id, c.listen, key.clone());
+            ro.transport = transport(c)?;
+            let transport = ro.transport.name();
+            let r = Replica::start(Arc::clone(&engine), ro)?;
+            tracing::info!(node_id = c.node_id, listen = %c.listen, transport, "transport listening");
             let r = Arc::new(r);
             let heads = Arc::clone(&r);
             let head_of: spool_fuse_shim::io::HeadOf = Arc::new(move |chunk| {
@@ -744,4 +744,22 @@ pub fn serve(config_path: &Path) -> Result<()> {
     }
     tracing::info!("spool stopped");
     Ok(())
+}
+
+/// The peer transport `cluster.transport` names.
+fn transport(
+    c: &spool_controlplane::config::ClusterConfig,
+) -> Result<Arc<dyn spool_dataplane::net::transport::Transport>> {
+    use spool_controlplane::config::TransportKind;
+    use spool_dataplane::net::rdma::{Rdma, RdmaOptions};
+    Ok(match c.transport {
+        TransportKind::Tcp => Arc::new(spool_dataplane::net::transport::Tcp),
+        TransportKind::Rdma => {
+            let dev = c.rdma_device.as_deref().unwrap_or_default();
+            let gid = c.rdma_gid_index.map(|i| i as u8);
+            let rdma = Rdma::open(dev, gid, RdmaOptions::default())
+                .with_context(|| format!("cluster.rdma_device = {dev:?}"))?;
+            Arc::new(rdma)
+        }
+    })
 }
