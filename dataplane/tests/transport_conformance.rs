@@ -313,7 +313,11 @@ fn a_plain_tcp_client_is_served(t: &dyn Transport) {
     let mut events = Events::with_capacity(8);
     let mut link = accept(&mut poll, &mut events, &mut *listener);
     poll.registry()
-        .register(&mut *link, Token(1), Interest::READABLE | Interest::WRITABLE)
+        .register(
+            &mut *link,
+            Token(1),
+            Interest::READABLE | Interest::WRITABLE,
+        )
         .unwrap();
     let mut got = Vec::new();
     let t0 = Instant::now();
@@ -388,7 +392,11 @@ fn a_bad_rdma_hello_is_refused(t: &dyn Transport) {
     let mut events = Events::with_capacity(8);
     let mut link = accept(&mut poll, &mut events, &mut *listener);
     poll.registry()
-        .register(&mut *link, Token(1), Interest::READABLE | Interest::WRITABLE)
+        .register(
+            &mut *link,
+            Token(1),
+            Interest::READABLE | Interest::WRITABLE,
+        )
         .unwrap();
     let t0 = Instant::now();
     let err = loop {

@@ -42,9 +42,18 @@ fn example_config_loads() {
 #[test]
 fn cluster_example_configs_load() {
     for (id, text) in [
-        (1, include_str!("../../../deploy/examples/cluster/node1.toml")),
-        (2, include_str!("../../../deploy/examples/cluster/node2.toml")),
-        (3, include_str!("../../../deploy/examples/cluster/node3.toml")),
+        (
+            1,
+            include_str!("../../../deploy/examples/cluster/node1.toml"),
+        ),
+        (
+            2,
+            include_str!("../../../deploy/examples/cluster/node2.toml"),
+        ),
+        (
+            3,
+            include_str!("../../../deploy/examples/cluster/node3.toml"),
+        ),
     ] {
         let c = Config::from_toml_str(text).unwrap().cluster.unwrap();
         assert_eq!((c.node_id, c.transport), (id, TransportKind::Tcp));
@@ -585,7 +594,11 @@ fn cluster_section_is_optional_and_checked_by_key() {
     .cluster
     .unwrap();
     assert_eq!(
-        (rdma.transport, rdma.rdma_device.as_deref(), rdma.rdma_gid_index),
+        (
+            rdma.transport,
+            rdma.rdma_device.as_deref(),
+            rdma.rdma_gid_index
+        ),
         (TransportKind::Rdma, Some("rxe0"), Some(1))
     );
     assert_has(

@@ -63,24 +63,32 @@ pub struct DeviceBench {
 
 #[derive(Debug)]
 pub(crate) struct Row {
-    what: String,
+    pub(crate) what: String,
     pub(crate) bytes: u64,
     pub(crate) secs: f64,
-    cpu_secs: Option<f64>,
+    pub(crate) cpu_secs: Option<f64>,
 }
 
 impl Row {
-    fn gbps(&self) -> f64 {
+    pub(crate) fn gbps(&self) -> f64 {
         self.bytes as f64 / self.secs / 1e9
     }
-    fn cpu_per_gib(&self) -> Option<f64> {
+    pub(crate) fn cpu_per_gib(&self) -> Option<f64> {
         self.cpu_secs
             .map(|c| c / (self.bytes as f64 / (1u64 << 30) as f64))
     }
 }
 
+/// This machine's name, for the CSV rows.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
 /// CPU seconds this process has used (user + system), from /proc.
-fn process_cpu_secs() -> Option<f64> {
+pub(crate) fn process_cpu_secs() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -558,10 +566,7 @@ fn print_table(rows: &[Row], b: &DeviceBench) -> Result<()> {
         "scenario", "bytes", "GB/s", "min-max", "cpu_s_per_GiB", "vs_fio"
     );
     let mut csv = String::from("scenario,bytes,median_gb_per_s,min_gb_per_s,max_gb_per_s,cpu_s_per_gib,ratio_vs_fio,rounds,block_size,queue_depth,cores,host\n");
-    let host = std::fs::read_to_string("/etc/hostname")
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
+    let host = host_name();
     for r in &sums {
         let peer = match r.what.as_str() {
             "spool write" | "device write" => gbps_of("fio write"),

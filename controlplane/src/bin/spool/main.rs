@@ -8,6 +8,7 @@ mod bench_checkpoint;
 mod bench_cluster;
 mod bench_fuse;
 mod bench_scale;
+mod bench_transport;
 mod node;
 
 use std::path::PathBuf;
@@ -206,6 +207,10 @@ enum BenchCmd {
     /// until durable in the cache and in blob, requests and bytes sent per byte
     /// written; then read back cold (cache-on-read) and warm vs an SDK download.
     Blob(bench_blob::BlobBench),
+    /// One link streaming one way through Spool's tcp transport and through rdma on a
+    /// named device (--rdma-device), vs iperf3 on the same address; GB/s and CPU
+    /// seconds per GiB.
+    Transport(bench_transport::TransportBench),
     /// Every scenario above in one run, then one table of every row with its ratio to
     /// its limit or peer, the CPU time and the machine, as CSV and a plot (PNG).
     All(bench_all::AllBench),
@@ -351,6 +356,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             cmd: BenchCmd::Blob(b),
         } => bench_blob::run(&b),
+        Cmd::Bench {
+            cmd: BenchCmd::Transport(b),
+        } => bench_transport::run(&b),
         Cmd::Bench {
             cmd: BenchCmd::All(b),
         } => bench_all::run(&b),
