@@ -54,7 +54,9 @@ fn soft_roce_device_ports_and_gids_are_listed() {
 /// after the flush.
 #[test]
 fn rc_queue_pairs_send_write_and_read_over_soft_roce() {
-    use spool_ffi::verbs::rc::{Completion, Domain, MemoryRegion, QueuePair, SendOp};
+    use spool_ffi::verbs::rc::{
+        Access, Completion, Domain, MemoryRegion, ProtectionDomain, QueuePair, SendOp,
+    };
     use spool_hugepages::{DmaPool, PagePolicy};
     if vmlab::in_guest().is_none() {
         return vmlab::run_in_guest("rc_queue_pairs_send_write_and_read_over_soft_roce", 16);
@@ -72,7 +74,8 @@ fn rc_queue_pairs_send_write_and_read_over_soft_roce() {
         .expect("an IPv4 GID");
     let pool = DmaPool::new("rdma", 64 << 10, 16, PagePolicy::PreferHuge).unwrap();
     let domain = Domain::open("rxe0").unwrap();
-    let region = MemoryRegion::register(&domain, &pool).unwrap();
+    let pd = ProtectionDomain::new(&domain).unwrap();
+    let region = MemoryRegion::register(&pd, &pool, Access::RemoteReadWrite).unwrap();
     let fill = |seed: u8, b: &mut [u8]| {
         for (i, x) in b.iter_mut().enumerate() {
             *x = seed ^ (i as u8) ^ ((i >> 8) as u8);
@@ -85,8 +88,8 @@ fn rc_queue_pairs_send_write_and_read_over_soft_roce() {
     };
     {
         let regions = vec![std::sync::Arc::clone(&region)];
-        let mut a = QueuePair::new(&domain, regions.clone(), 8, gid.index as u8, 0x1111).unwrap();
-        let mut b = QueuePair::new(&domain, regions, 8, gid.index as u8, 0x2222).unwrap();
+        let mut a = QueuePair::new(&pd, regions.clone(), 8, gid.index as u8, 0x1111).unwrap();
+        let mut b = QueuePair::new(&pd, regions, 8, gid.index as u8, 0x2222).unwrap();
         let (ea, eb) = (a.endpoint().unwrap(), b.endpoint().unwrap());
         a.connect(&eb).unwrap();
         b.connect(&ea).unwrap();

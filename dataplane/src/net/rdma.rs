@@ -14,8 +14,12 @@
 //! - **Credits.** A writer may have at most the ring's size unread at the peer and at
 //!   most its receive depth of messages unpolled. The reader gives both back (as
 //!   increments in the immediate of an empty message) once half of either is due. Data
-//!   leaves one receive free for a credit message, and a credit message always frees
-//!   at least half of the other side's, so the two ends never wait on each other.
+//!   leaves one receive free for a credit message, and only a credit that gives back
+//!   receives may take that last one: so when both ends are out of receives, each has
+//!   one coming back, and the two never wait on each other.
+//! - **Isolation.** Each link has its own protection domain: the ring (the only memory
+//!   a peer may write) and the send slots (local only) are reachable through that
+//!   link's queue pair alone, so a peer cannot touch another link's buffers.
 //! - **Events.** Both the TCP socket and the queue pair's completion channel are
 //!   registered under the link's token. Before saying `WouldBlock` a link arms its
 //!   channel, so the next completion (bytes, credits, a finished write) wakes the poll.
@@ -34,7 +38,9 @@ use std::sync::Arc;
 use mio::event::Source;
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
-use spool_ffi::verbs::rc::{Completion, Domain, MemoryRegion, QueuePair, RemoteRegion, SendOp};
+use spool_ffi::verbs::rc::{
+    Access, Completion, Domain, MemoryRegion, ProtectionDomain, QueuePair, RemoteRegion, SendOp,
+};
 use spool_hugepages::{DmaBuf, DmaPool, PagePolicy};
 
 use super::transport::{tune, Link, Listener, Transport};
@@ -69,6 +75,10 @@ const CREDIT: u32 = 1 << 31;
 const CREDIT_BYTES_BITS: u32 = 23;
 const CREDIT_MSGS_MAX: u32 = (1 << (31 - CREDIT_BYTES_BITS)) - 1;
 const RING_BYTES_MAX: usize = 4 << 20;
+/// With fewer receives the credit threshold (half) would be one message, and a credit
+/// message would itself make the next one due: the two ends would trade credits for
+/// ever.
+const RECV_DEPTH_MIN: u32 = 4;
 
 impl RdmaOptions {
     pub fn validate(&self) -> Result<(), Error> {
@@ -89,9 +99,9 @@ impl RdmaOptions {
         if !(1..=1024).contains(&self.slots) {
             return bad(format!("slots {} not in 1..=1024", self.slots));
         }
-        if !(2..=CREDIT_MSGS_MAX).contains(&self.recv_depth) {
+        if !(RECV_DEPTH_MIN..=CREDIT_MSGS_MAX).contains(&self.recv_depth) {
             return bad(format!(
-                "recv_depth {} not in 2..={CREDIT_MSGS_MAX}",
+                "recv_depth {} not in {RECV_DEPTH_MIN}..={CREDIT_MSGS_MAX}",
                 self.recv_depth
             ));
         }
@@ -181,9 +191,15 @@ struct RdmaListener {
 
 impl Listener for RdmaListener {
     fn accept(&mut self) -> io::Result<Box<dyn Link>> {
-        let (tcp, _) = self.tcp.accept()?;
-        tune(&tcp)?;
-        self.rdma.link(tcp, true)
+        // A connection whose link cannot be made is dropped, and the next one taken:
+        // stopping here would leave the backlog unseen until another connection came.
+        loop {
+            let (tcp, from) = self.tcp.accept()?;
+            match tune(&tcp).and_then(|()| self.rdma.link(tcp, true)) {
+                Ok(link) => return Ok(link),
+                Err(e) => tracing::warn!(%from, error = %e, "rdma: dropping a connection"),
+            }
+        }
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.tcp.local_addr()
@@ -261,11 +277,16 @@ impl Hello {
         if !(1..=5).contains(&h.mtu) {
             return Err(format!("rdma hello: MTU code {} not in 1..=5", h.mtu));
         }
-        if !(2..=CREDIT_MSGS_MAX).contains(&h.recv_depth) {
+        if !(RECV_DEPTH_MIN..=CREDIT_MSGS_MAX).contains(&h.recv_depth) {
             return Err(format!("rdma hello: receive depth {}", h.recv_depth));
         }
-        if !(4096..=RING_BYTES_MAX as u64).contains(&h.ring.len) {
-            return Err(format!("rdma hello: ring of {} bytes", h.ring.len));
+        if !(4096..=RING_BYTES_MAX as u64).contains(&h.ring.len)
+            || h.ring.addr.checked_add(h.ring.len).is_none()
+        {
+            return Err(format!(
+                "rdma hello: ring of {} bytes at {:#x}",
+                h.ring.len, h.ring.addr
+            ));
         }
         if h.qpn >> 24 != 0 || h.psn >> 24 != 0 {
             return Err("rdma hello: queue pair number or PSN over 24 bits".into());
@@ -311,7 +332,7 @@ pub struct RdmaLink {
     // the slots it may still be writing or reading go back.
     qp: QueuePair,
     bufs: Option<Buffers>,
-    domain: Arc<Domain>,
+    pd: Arc<ProtectionDomain>,
     opts: RdmaOptions,
     tcp: mio::net::TcpStream,
     state: State,
@@ -349,7 +370,8 @@ impl RdmaLink {
         // one per peer receive); the receive queue our posted receives.
         let depth = o.slots as u32 + o.recv_depth;
         let psn = rand::random::<u32>() & 0xff_ffff;
-        let mut qp = QueuePair::new(&rdma.domain, Vec::new(), depth, rdma.gid_index, psn)?;
+        let pd = ProtectionDomain::new(&rdma.domain)?;
+        let mut qp = QueuePair::new(&pd, Vec::new(), depth, rdma.gid_index, psn)?;
         for _ in 0..o.recv_depth {
             qp.post_recv(None).map_err(|(e, _)| e)?;
         }
@@ -357,7 +379,7 @@ impl RdmaLink {
         let mut link = RdmaLink {
             qp,
             bufs: None,
-            domain: Arc::clone(&rdma.domain),
+            pd,
             opts: o,
             tcp,
             state: State::Sniff { got: 0 },
@@ -397,15 +419,15 @@ impl RdmaLink {
         let o = self.opts;
         let ring_pool = DmaPool::new("rdma ring", o.ring_bytes, 1, PagePolicy::PreferHuge)?;
         let slot_pool = DmaPool::new("rdma send", o.slot_bytes, o.slots, PagePolicy::PreferHuge)?;
-        let ring_region = MemoryRegion::register(&self.domain, &ring_pool)?;
-        let slot_region = MemoryRegion::register(&self.domain, &slot_pool)?;
+        let ring_region = MemoryRegion::register(&self.pd, &ring_pool, Access::RemoteWrite)?;
+        let slot_region = MemoryRegion::register(&self.pd, &slot_pool, Access::Local)?;
         let ring = ring_pool.alloc().expect("a fresh one-buffer pool");
         let ring_remote = ring_region.remote_of(&ring)?;
         let free_slots: Vec<DmaBuf> = (0..o.slots)
             .map(|_| slot_pool.alloc().expect("a fresh pool of `slots` buffers"))
             .collect();
-        self.qp.add_region(ring_region);
-        self.qp.add_region(slot_region);
+        self.qp.add_region(ring_region)?;
+        self.qp.add_region(slot_region)?;
         self.bufs = Some(Buffers { ring, free_slots });
         let ep = self.qp.endpoint()?;
         self.hello = Hello {
@@ -541,6 +563,9 @@ impl RdmaLink {
             }
             return Ok(());
         }
+        if self.polled_msgs >= self.granted_msgs {
+            return Err("peer sent more messages than it was given receives".into());
+        }
         self.polled_msgs += 1;
         self.qp.post_recv(None).map_err(|(e, _)| e.to_string())?;
         let imm = c.imm.ok_or("a message without an immediate")?;
@@ -580,7 +605,9 @@ impl RdmaLink {
         let msgs = self.polled_msgs + u64::from(self.recv_depth) - self.granted_msgs;
         let bytes = self.read_bytes - self.granted_bytes;
         let due = msgs >= u64::from(self.recv_depth / 2) || bytes >= self.ring_len / 2;
-        if !due || self.sent_msgs >= self.msgs_limit {
+        // The peer's last receive is for a credit that gives receives back.
+        let free = self.msgs_limit - self.sent_msgs;
+        if !due || free == 0 || (free == 1 && msgs == 0) {
             return;
         }
         assert!(msgs <= u64::from(CREDIT_MSGS_MAX) && bytes < 1 << CREDIT_BYTES_BITS);
@@ -612,9 +639,16 @@ impl RdmaLink {
         }
     }
 
-    /// Asks for an event at the next completion, then catches what came before.
-    fn arm(&mut self) -> io::Result<()> {
-        if let Err(e) = self.qp.arm() {
+    /// Asks for an event at the next completion, then catches what came before. Only
+    /// a read consumes the events already raised (`drain`): a write that did would
+    /// swallow the wakeup of bytes it reaped, whose reader waits for an event.
+    fn arm(&mut self, drain: bool) -> io::Result<()> {
+        let r = if drain {
+            self.qp.arm()
+        } else {
+            self.qp.notify()
+        };
+        if let Err(e) = r {
             self.fail(format!("arming the completion channel: {e}"));
         }
         self.pump()
@@ -652,12 +686,20 @@ impl Read for RdmaLink {
             return self.tcp.read(out);
         }
         if self.landed_bytes == self.read_bytes {
-            self.arm()?;
+            self.arm(true)?;
+        }
+        if self.landed_bytes == self.read_bytes
+            && !self.eof
+            && self.state == State::Ready
+            && self.peer_closed()?
+        {
+            // Bytes the peer wrote before it closed may have landed since the reap.
+            self.eof = true;
+            self.reap();
         }
         let avail = self.landed_bytes - self.read_bytes;
         if avail == 0 {
-            if self.eof || (self.state == State::Ready && self.peer_closed()?) {
-                self.eof = true;
+            if self.eof {
                 return Ok(0);
             }
             return Err(io::ErrorKind::WouldBlock.into());
@@ -724,7 +766,7 @@ impl Write for RdmaLink {
         if data.is_empty() {
             return Ok(0);
         }
-        self.arm()?;
+        self.arm(false)?;
         if self.state == State::Ready && self.peer_closed()? {
             self.fail("the peer closed the connection".into());
             return Err(self.error());
@@ -786,7 +828,7 @@ mod tests {
         for bad in [
             Hello { mtu: 0, ..h },
             Hello { mtu: 6, ..h },
-            Hello { recv_depth: 1, ..h },
+            Hello { recv_depth: 3, ..h },
             Hello {
                 recv_depth: 256,
                 ..h
@@ -799,6 +841,13 @@ mod tests {
             Hello {
                 ring: RemoteRegion {
                     len: 8 << 20,
+                    ..h.ring
+                },
+                ..h
+            },
+            Hello {
+                ring: RemoteRegion {
+                    addr: u64::MAX - 4096,
                     ..h.ring
                 },
                 ..h
@@ -827,7 +876,7 @@ mod tests {
                 ..d
             },
             RdmaOptions { slots: 0, ..d },
-            RdmaOptions { recv_depth: 1, ..d },
+            RdmaOptions { recv_depth: 3, ..d },
             RdmaOptions {
                 recv_depth: 256,
                 ..d

@@ -1,9 +1,12 @@
 //! Reliable-connected queue pairs over verbs, with the rules in the types:
-//! - A `Domain` (device context + protection domain) is shared through an `Arc`: every
-//!   memory region and queue pair holds one, so the device outlives them.
-//! - A `MemoryRegion` registers a whole `DmaPool` and holds the pool's `Arc` until it
-//!   is deregistered, so the NIC never reaches freed memory. A queue pair holds the
-//!   regions its work may use, so they are deregistered only after it is destroyed.
+//! - A `Domain` (a device context) is shared through an `Arc`; a `ProtectionDomain` holds
+//!   one, and every memory region and queue pair holds its protection domain, so each
+//!   outlives what was made in it. Only queue pairs of the same protection domain can
+//!   reach a region: one per link keeps a peer out of every other link's memory.
+//! - A `MemoryRegion` registers a whole `DmaPool` with the least access it needs and
+//!   holds the pool's `Arc` until it is deregistered, so the NIC never reaches freed
+//!   memory. A queue pair holds the regions its work may use, so they are deregistered
+//!   only after it is destroyed.
 //! - Posting takes the `DmaBuf` by value; only a completion gives it back. A queue pair
 //!   dropped with work outstanding is moved to the error state and drained first; work
 //!   that does not flush in time keeps its buffers forever (leaked) rather than hand
@@ -36,23 +39,69 @@ fn set_nonblocking(fd: RawFd) -> Result<(), Error> {
     Ok(())
 }
 
-/// The device's context and one protection domain.
+/// An open device context.
 #[derive(Debug)]
 pub struct Domain {
     name: String,
     ctx: *mut sys::ibv_context,
-    pd: *mut sys::ibv_pd,
     /// Port 1's active MTU (IBV_MTU_*).
     active_mtu: u32,
 }
 
 // SAFETY: verbs objects may be used from any thread, and the Domain never changes
-// after open; its pointers stay valid until Drop, which runs after every region and
-// queue pair holding its Arc is gone.
+// after open; its context stays valid until Drop, which runs after every protection
+// domain holding its Arc is gone.
 unsafe impl Send for Domain {}
-// SAFETY: shared use only reads the pointers (registering memory and creating CQs and
-// QPs is thread-safe in libibverbs).
+// SAFETY: shared use only reads the pointer (allocating protection domains and
+// creating CQs is thread-safe in libibverbs).
 unsafe impl Sync for Domain {}
+
+/// A protection domain: regions and queue pairs made in it reach only each other.
+#[derive(Debug)]
+pub struct ProtectionDomain {
+    pd: *mut sys::ibv_pd,
+    domain: Arc<Domain>,
+}
+
+// SAFETY: as for Domain: the pointer never changes and is released once, in Drop,
+// after every region and queue pair holding this Arc is gone.
+unsafe impl Send for ProtectionDomain {}
+// SAFETY: shared use only reads the pointer (registering memory and creating QPs is
+// thread-safe in libibverbs).
+unsafe impl Sync for ProtectionDomain {}
+
+impl ProtectionDomain {
+    pub fn new(domain: &Arc<Domain>) -> Result<Arc<Self>, Error> {
+        // SAFETY: the context is open while the Domain lives, which it does.
+        let pd = unsafe { sys::ibv_alloc_pd(domain.ctx) };
+        if pd.is_null() {
+            return Err(os("ibv_alloc_pd"));
+        }
+        Ok(Arc::new(ProtectionDomain {
+            pd,
+            domain: Arc::clone(domain),
+        }))
+    }
+}
+
+impl Drop for ProtectionDomain {
+    fn drop(&mut self) {
+        // SAFETY: pd came from ibv_alloc_pd and is released once; every region and
+        // queue pair made in it holds this Arc, so none is alive here.
+        unsafe { sys::ibv_dealloc_pd(self.pd) };
+    }
+}
+
+/// What a peer may do with a memory region (local access is always allowed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Only this side's work uses it (sources of writes, sinks of reads).
+    Local,
+    /// Peers may write into it (a receive ring).
+    RemoteWrite,
+    /// Peers may write into it and read from it.
+    RemoteReadWrite,
+}
 
 /// Where a peer may write or read: a registered region's bus address, length and key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,16 +164,10 @@ impl Domain {
                 "RDMA device {name} port 1 is not active (is its network interface up?)"
             )));
         }
-        // SAFETY: ctx is open.
-        let pd = unsafe { sys::ibv_alloc_pd(ctx.0) };
-        if pd.is_null() {
-            return Err(os("ibv_alloc_pd"));
-        }
         let ctx = std::mem::ManuallyDrop::new(ctx);
         Ok(Arc::new(Domain {
             name: name.to_owned(),
             ctx: ctx.0,
-            pd,
             active_mtu: pa.active_mtu.0,
         }))
     }
@@ -147,12 +190,9 @@ impl Domain {
 
 impl Drop for Domain {
     fn drop(&mut self) {
-        // SAFETY: pd and ctx came from alloc/open and are released once, pd first; every
-        // region and queue pair holds the Domain's Arc, so none is alive here.
-        unsafe {
-            sys::ibv_dealloc_pd(self.pd);
-            sys::ibv_close_device(self.ctx);
-        }
+        // SAFETY: ctx came from ibv_open_device and is closed once; every protection
+        // domain and queue pair holds the Domain's Arc, so none is alive here.
+        unsafe { sys::ibv_close_device(self.ctx) };
     }
 }
 
@@ -161,8 +201,7 @@ impl Drop for Domain {
 pub struct MemoryRegion {
     mr: *mut sys::ibv_mr,
     pool: Arc<DmaPool>,
-    /// Held so the protection domain outlives the registration.
-    _domain: Arc<Domain>,
+    pd: Arc<ProtectionDomain>,
 }
 
 // SAFETY: the registration never changes after creation and is released once, in Drop.
@@ -171,21 +210,30 @@ unsafe impl Send for MemoryRegion {}
 unsafe impl Sync for MemoryRegion {}
 
 impl MemoryRegion {
-    pub fn register(domain: &Arc<Domain>, pool: &Arc<DmaPool>) -> Result<Arc<Self>, Error> {
+    pub fn register(
+        pd: &Arc<ProtectionDomain>,
+        pool: &Arc<DmaPool>,
+        access: Access,
+    ) -> Result<Arc<Self>, Error> {
+        use sys::ibv_access_flags as A;
         let r = pool.region();
-        let access = sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
-            | sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
-            | sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
+        let flags = match access {
+            Access::Local => A::IBV_ACCESS_LOCAL_WRITE,
+            Access::RemoteWrite => A::IBV_ACCESS_LOCAL_WRITE | A::IBV_ACCESS_REMOTE_WRITE,
+            Access::RemoteReadWrite => {
+                A::IBV_ACCESS_LOCAL_WRITE | A::IBV_ACCESS_REMOTE_WRITE | A::IBV_ACCESS_REMOTE_READ
+            }
+        };
         // SAFETY: the region is the pool's live mapping; the MemoryRegion keeps the
         // pool's Arc until ibv_dereg_mr in Drop, so the memory outlives the registration.
-        let mr = unsafe { sys::ibv_reg_mr(domain.pd, r.addr as *mut _, r.len, access.0 as i32) };
+        let mr = unsafe { sys::ibv_reg_mr(pd.pd, r.addr as *mut _, r.len, flags.0 as i32) };
         if mr.is_null() {
             return Err(os("ibv_reg_mr"));
         }
         Ok(Arc::new(MemoryRegion {
             mr,
             pool: Arc::clone(pool),
-            _domain: Arc::clone(domain),
+            pd: Arc::clone(pd),
         }))
     }
 
@@ -284,7 +332,7 @@ pub struct QueuePair {
     sends: u32,
     // Dropped after the queue pair is destroyed (fields drop after Drop::drop).
     regions: Vec<Arc<MemoryRegion>>,
-    domain: Arc<Domain>,
+    pd: Arc<ProtectionDomain>,
 }
 
 // SAFETY: a queue pair is used by one owner at a time (&mut for every operation).
@@ -297,13 +345,14 @@ impl QueuePair {
     /// work may use buffers of `regions`, and moves it to INIT (receives may be posted
     /// from now on). `gid_index` selects the local GID (RoCE v2: the IPv4-mapped one).
     pub fn new(
-        domain: &Arc<Domain>,
+        pd: &Arc<ProtectionDomain>,
         regions: Vec<Arc<MemoryRegion>>,
         depth: u32,
         gid_index: u8,
         psn: u32,
     ) -> Result<Self, Error> {
         assert!(depth > 0, "queue pair depth");
+        let domain = &pd.domain;
         // SAFETY: ctx is open.
         let channel = unsafe { sys::ibv_create_comp_channel(domain.ctx) };
         if channel.is_null() {
@@ -350,7 +399,7 @@ impl QueuePair {
             ..Default::default()
         };
         // SAFETY: pd is live, init is a live local naming a live CQ.
-        let qp = unsafe { sys::ibv_create_qp(domain.pd, &mut init) };
+        let qp = unsafe { sys::ibv_create_qp(pd.pd, &mut init) };
         if qp.is_null() {
             let e = os("ibv_create_qp");
             // SAFETY: the CQ has no queue pair and no events; then nothing uses the channel.
@@ -372,7 +421,7 @@ impl QueuePair {
             free: (0..slots).collect(),
             sends: 0,
             regions,
-            domain: Arc::clone(domain),
+            pd: Arc::clone(pd),
         };
         let mut attr = sys::ibv_qp_attr {
             qp_state: sys::ibv_qp_state::IBV_QPS_INIT,
@@ -392,9 +441,16 @@ impl QueuePair {
         Ok(me)
     }
 
-    /// Lets this queue pair's work use buffers of `region` too.
-    pub fn add_region(&mut self, region: Arc<MemoryRegion>) {
+    /// Lets this queue pair's work use buffers of `region` too (of its protection
+    /// domain).
+    pub fn add_region(&mut self, region: Arc<MemoryRegion>) -> Result<(), Error> {
+        if !Arc::ptr_eq(&region.pd, &self.pd) {
+            return Err(Error::Unsupported(
+                "a memory region of another protection domain".into(),
+            ));
+        }
         self.regions.push(region);
+        Ok(())
     }
 
     fn modify(
@@ -420,8 +476,8 @@ impl QueuePair {
             // SAFETY: qp is live.
             qpn: unsafe { (*self.qp).qp_num },
             psn: self.psn,
-            gid: self.domain.gid(i32::from(self.gid_index))?,
-            mtu: self.domain.active_mtu,
+            gid: self.pd.domain.gid(i32::from(self.gid_index))?,
+            mtu: self.pd.domain.active_mtu,
         })
     }
 
@@ -432,7 +488,7 @@ impl QueuePair {
         }
         let mut attr = sys::ibv_qp_attr {
             qp_state: sys::ibv_qp_state::IBV_QPS_RTR,
-            path_mtu: sys::ibv_mtu(peer.mtu.min(self.domain.active_mtu)),
+            path_mtu: sys::ibv_mtu(peer.mtu.min(self.pd.domain.active_mtu)),
             dest_qp_num: peer.qpn,
             rq_psn: peer.psn,
             max_dest_rd_atomic: 1,
@@ -485,6 +541,21 @@ impl QueuePair {
         unsafe { (*self.channel).fd }
     }
 
+    /// Asks for an event at the next completion, leaving events already raised on the
+    /// channel (its fd stays readable for whoever waits on them). Poll after: a
+    /// completion that came before raises no event.
+    pub fn notify(&mut self) -> Result<(), Error> {
+        // SAFETY: cq is live.
+        let rc = unsafe { sys::ibv_req_notify_cq(self.cq, 0) };
+        if rc != 0 {
+            return Err(Error::Os {
+                what: "ibv_req_notify_cq",
+                source: std::io::Error::from_raw_os_error(rc),
+            });
+        }
+        Ok(())
+    }
+
     /// Consumes the channel's pending events and asks for one at the next completion.
     /// Poll after arming: a completion that came before it raises no event.
     pub fn arm(&mut self) -> Result<(), Error> {
@@ -506,15 +577,7 @@ impl QueuePair {
             // when the CQ is destroyed.
             unsafe { sys::ibv_ack_cq_events(cq, 1) };
         }
-        // SAFETY: cq is live.
-        let rc = unsafe { sys::ibv_req_notify_cq(self.cq, 0) };
-        if rc != 0 {
-            return Err(Error::Os {
-                what: "ibv_req_notify_cq",
-                source: std::io::Error::from_raw_os_error(rc),
-            });
-        }
-        Ok(())
+        self.notify()
     }
 
     fn lkey(&self, buf: &DmaBuf) -> Result<u32, Error> {
@@ -526,7 +589,7 @@ impl QueuePair {
                 Error::Unsupported(format!(
                     "pool '{}' is not registered for this queue pair on {}",
                     buf.pool().name(),
-                    self.domain.name
+                    self.pd.domain.name
                 ))
             })?;
         // SAFETY: the region's mr is valid while the region lives, which it does.
@@ -614,10 +677,8 @@ impl QueuePair {
             SendOp::Write(r, off) | SendOp::Read(r, off) => Some((r, off)),
         };
         if let Some((r, off)) = remote {
-            if off
-                .checked_add(u64::from(len))
-                .is_none_or(|end| end > r.len)
-            {
+            let end = off.checked_add(u64::from(len));
+            if end.is_none_or(|end| end > r.len || r.addr.checked_add(end).is_none()) {
                 let e = Error::Unsupported(format!(
                     "RDMA access of {len} bytes at {off} outside the peer's {}-byte region",
                     r.len
@@ -757,7 +818,7 @@ impl Drop for QueuePair {
             }
             if self.outstanding() > 0 {
                 tracing::error!(
-                    device = self.domain.name,
+                    device = self.pd.domain.name,
                     outstanding = self.outstanding(),
                     "RDMA work did not flush: leaking its buffers"
                 );
