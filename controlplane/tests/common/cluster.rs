@@ -30,6 +30,13 @@ pub struct ClusterOpts {
     /// More TOML for every node's config; `{HOST_IP}` becomes the host's address on
     /// the test network (where etcd, or a blob server, listens).
     pub extra: String,
+    /// More keys for the `[cluster]` section (a transport, say).
+    pub cluster_extra: String,
+    /// The `[device]` section's backend lines (default: a uring file in the node's
+    /// directory).
+    pub device: Option<String>,
+    /// Nodes on loopback addresses instead of network namespaces (`Net::loopback`).
+    pub loopback: bool,
 }
 
 impl Default for ClusterOpts {
@@ -41,6 +48,9 @@ impl Default for ClusterOpts {
             node_lost_after_s: 3600,
             mount: false,
             extra: String::new(),
+            cluster_extra: String::new(),
+            device: None,
+            loopback: false,
         }
     }
 }
@@ -85,7 +95,10 @@ impl Drop for NodeProc {
 impl Cluster {
     /// Starts etcd and every node, and waits until all targets serve.
     pub fn start(opts: ClusterOpts) -> Cluster {
-        let net = Net::new(opts.nodes);
+        let net = match opts.loopback {
+            true => Net::loopback(opts.nodes),
+            false => Net::new(opts.nodes),
+        };
         let etcd = EtcdServer::start(net.host_ip());
         // SPOOL_TEST_KEEP=1 keeps the nodes' directories (configs, logs) for a post-mortem.
         let keep = std::env::var_os("SPOOL_TEST_KEEP").is_some();
@@ -115,10 +128,7 @@ impl Cluster {
 [node]
 name = "n{id}"
 [device]
-backend = "uring"
-path = "{dev}"
-size = "256MiB"
-format_if_new = true
+{device}
 chunk_size = "1MiB"
 [dataplane]
 cores = 1
@@ -142,8 +152,13 @@ replication = {r}
 initial_nodes = {n}
 lease_ttl_s = {ttl}
 node_lost_after_s = {lost}
+{cluster_extra}
 "#,
-                dev = nd.join("device.img").display(),
+                device = opts.device.clone().unwrap_or_else(|| format!(
+                    "backend = \"uring\"\npath = \"{}\"\nsize = \"256MiB\"\nformat_if_new = true",
+                    nd.join("device.img").display()
+                )),
+                cluster_extra = opts.cluster_extra,
                 socket = socket.display(),
                 ip = net.node_ip(i),
                 etcd = etcd.url(),
@@ -242,6 +257,16 @@ node_lost_after_s = {lost}
         spool_controlplane::admin::request_blocking_with_timeout(
             &self.nodes[i].socket,
             &json!({"cmd": "status"}),
+            Duration::from_secs(2),
+        )
+        .ok()
+    }
+
+    /// Node i's merged perf counters (`perf dump`).
+    pub fn perf(&self, i: usize) -> Option<Value> {
+        spool_controlplane::admin::request_blocking_with_timeout(
+            &self.nodes[i].socket,
+            &json!({"cmd": "perf dump"}),
             Duration::from_secs(2),
         )
         .ok()

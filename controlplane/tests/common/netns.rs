@@ -57,6 +57,8 @@ pub struct Net {
     ns: Vec<String>,
     /// Host-side veth of node i (a port of the bridge).
     veth: Vec<String>,
+    /// No namespaces: every node on its own loopback address (`Net::loopback`).
+    loopback: bool,
 }
 
 impl Net {
@@ -80,9 +82,25 @@ impl Net {
             bridge: bridge_name(slot),
             ns: (0..nodes).map(|i| ns_name(slot, i)).collect(),
             veth: (0..nodes).map(|i| veth_name(slot, i)).collect(),
+            loopback: false,
         };
         net.setup();
         net
+    }
+
+    /// No namespaces, no bridge: node i is 127.0.0.(10+i), the host 127.0.0.1, and
+    /// programs run in the test's own namespaces. For where namespaces cannot be used
+    /// (soft-RoCE on Debian 12's kernel routes only in the initial one); one such Net
+    /// at a time, and no partitions.
+    pub fn loopback(nodes: usize) -> Net {
+        assert!((1..=200).contains(&nodes), "Net::loopback({nodes})");
+        Net {
+            slot: 0,
+            bridge: String::new(),
+            ns: vec![String::new(); nodes],
+            veth: vec![String::new(); nodes],
+            loopback: true,
+        }
     }
 
     fn setup(&self) {
@@ -164,16 +182,23 @@ impl Net {
 
     /// The bridge's address (root namespace): where host services (etcd) bind.
     pub fn host_ip(&self) -> Ipv4Addr {
+        if self.loopback {
+            return Ipv4Addr::LOCALHOST;
+        }
         Ipv4Addr::new(10, 231, self.slot as u8, 1)
     }
 
     pub fn node_ip(&self, i: usize) -> Ipv4Addr {
         self.check(i);
+        if self.loopback {
+            return Ipv4Addr::new(127, 0, 0, 10 + i as u8);
+        }
         Ipv4Addr::new(10, 231, self.slot as u8, 10 + i as u8)
     }
 
     pub fn ns_name(&self, i: usize) -> &str {
         self.check(i);
+        assert!(!self.loopback, "a loopback Net has no namespaces");
         &self.ns[i]
     }
 
@@ -189,6 +214,10 @@ impl Net {
 
     /// `ip netns exec NS program`, ready for args.
     pub fn command(&self, i: usize, program: impl AsRef<OsStr>) -> Command {
+        if self.loopback {
+            self.check(i);
+            return Command::new(program);
+        }
         let mut c = Command::new("ip");
         c.args(["netns", "exec", self.ns_name(i)]).arg(program);
         c
@@ -198,6 +227,10 @@ impl Net {
     /// shares the caller's mount namespace, so a FUSE mount it makes is visible to the
     /// test (`ip netns exec` gives every program a mount namespace of its own).
     pub fn command_net_only(&self, i: usize, program: impl AsRef<OsStr>) -> Command {
+        if self.loopback {
+            self.check(i);
+            return Command::new(program);
+        }
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.ns_name(i)))
             .arg("--")
@@ -403,6 +436,9 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        if self.loopback {
+            return;
+        }
         let _lock = StateLock::acquire_quiet();
         let errs = teardown_slot(self.slot, &self.ns, &self.veth);
         for e in errs {
