@@ -45,6 +45,9 @@ use spool_hugepages::{DmaBuf, DmaPool, PagePolicy};
 
 use super::transport::{tune, Link, Listener, Transport};
 use crate::Error;
+use credits::{Credits, Received, CREDIT_BYTES_BITS, CREDIT_MSGS_MAX};
+
+mod credits;
 
 /// Sizes of one link's buffers. Memory per link: `ring_bytes + slot_bytes * slots`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,11 +73,9 @@ impl Default for RdmaOptions {
     }
 }
 
-/// Credit increments travel in 31 bits of an immediate: messages in 8, bytes in 23.
-const CREDIT: u32 = 1 << 31;
-const CREDIT_BYTES_BITS: u32 = 23;
-const CREDIT_MSGS_MAX: u32 = (1 << (31 - CREDIT_BYTES_BITS)) - 1;
+/// The ring's length must fit a credit's bytes increment.
 const RING_BYTES_MAX: usize = 4 << 20;
+const _: () = assert!(RING_BYTES_MAX < 1 << CREDIT_BYTES_BITS);
 /// With fewer receives the credit threshold (half) would be one message, and a credit
 /// message would itself make the next one due: the two ends would trade credits for
 /// ever.
@@ -344,23 +345,10 @@ pub struct RdmaLink {
     eof: bool,
     ring_len: u64,
     slot_bytes: usize,
-    recv_depth: u32,
-    /// The peer's ring and receive depth (from its hello).
+    /// The peer's ring (from its hello).
     peer_ring: RemoteRegion,
-    peer_depth: u32,
+    credits: Credits,
     done: Vec<Completion>,
-    // Sending: stream bytes and messages sent, and how far the peer lets us go.
-    sent_bytes: u64,
-    bytes_limit: u64,
-    sent_msgs: u64,
-    msgs_limit: u64,
-    // Receiving: stream bytes landed and read, receives polled, and what the peer
-    // has been given back so far.
-    landed_bytes: u64,
-    read_bytes: u64,
-    polled_msgs: u64,
-    granted_bytes: u64,
-    granted_msgs: u64,
 }
 
 impl RdmaLink {
@@ -389,23 +377,13 @@ impl RdmaLink {
             eof: false,
             ring_len: o.ring_bytes as u64,
             slot_bytes: o.slot_bytes,
-            recv_depth: o.recv_depth,
             peer_ring: RemoteRegion {
                 addr: 0,
                 len: 0,
                 rkey: 0,
             },
-            peer_depth: 0,
+            credits: Credits::new(o.ring_bytes as u64, o.recv_depth),
             done: Vec::with_capacity(64),
-            sent_bytes: 0,
-            bytes_limit: 0,
-            sent_msgs: 0,
-            msgs_limit: 0,
-            landed_bytes: 0,
-            read_bytes: 0,
-            polled_msgs: 0,
-            granted_bytes: 0,
-            granted_msgs: u64::from(o.recv_depth),
         };
         if !accepted {
             link.set_up_buffers()?;
@@ -531,9 +509,7 @@ impl RdmaLink {
         };
         self.qp.connect(&ep).map_err(|e| e.to_string())?;
         self.peer_ring = h.ring;
-        self.peer_depth = h.recv_depth;
-        self.bytes_limit = h.ring.len;
-        self.msgs_limit = u64::from(h.recv_depth);
+        self.credits.connect(h.ring.len, h.recv_depth);
         Ok(())
     }
 
@@ -563,38 +539,12 @@ impl RdmaLink {
             }
             return Ok(());
         }
-        if self.polled_msgs >= self.granted_msgs {
-            return Err("peer sent more messages than it was given receives".into());
-        }
-        self.polled_msgs += 1;
+        // Repost first: the peer may use the receive as soon as credit says so.
         self.qp.post_recv(None).map_err(|(e, _)| e.to_string())?;
         let imm = c.imm.ok_or("a message without an immediate")?;
-        if imm & CREDIT == 0 {
-            let n = u64::from(imm);
-            let pos = self.landed_bytes % self.ring_len;
-            if n == 0
-                || u64::from(c.byte_len) != n
-                || self.landed_bytes - self.read_bytes + n > self.ring_len
-                || pos + n > self.ring_len
-            {
-                return Err(format!(
-                    "peer wrote {n} bytes ({} reported) at ring position {pos}, outside its credit",
-                    c.byte_len
-                ));
-            }
-            self.landed_bytes += n;
-        } else {
-            let msgs = u64::from((imm & !CREDIT) >> CREDIT_BYTES_BITS);
-            let bytes = u64::from(imm & ((1 << CREDIT_BYTES_BITS) - 1));
-            self.msgs_limit += msgs;
-            self.bytes_limit += bytes;
-            if self.msgs_limit > self.sent_msgs + u64::from(self.peer_depth)
-                || self.bytes_limit > self.sent_bytes + self.peer_ring.len
-            {
-                return Err("peer gave back more credit than was used".into());
-            }
+        match self.credits.received(imm, c.byte_len)? {
+            Received::Data { .. } | Received::Credit => Ok(()),
         }
-        Ok(())
     }
 
     /// Gives back receives and ring bytes once half of either is due.
@@ -602,22 +552,11 @@ impl RdmaLink {
         if self.failed.is_some() || self.state != State::Ready {
             return;
         }
-        let msgs = self.polled_msgs + u64::from(self.recv_depth) - self.granted_msgs;
-        let bytes = self.read_bytes - self.granted_bytes;
-        let due = msgs >= u64::from(self.recv_depth / 2) || bytes >= self.ring_len / 2;
-        // The peer's last receive is for a credit that gives receives back.
-        let free = self.msgs_limit - self.sent_msgs;
-        if !due || free == 0 || (free == 1 && msgs == 0) {
+        let Some(imm) = self.credits.credit_due() else {
             return;
-        }
-        assert!(msgs <= u64::from(CREDIT_MSGS_MAX) && bytes < 1 << CREDIT_BYTES_BITS);
-        let imm = CREDIT | (msgs as u32) << CREDIT_BYTES_BITS | bytes as u32;
+        };
         match self.qp.post_send(None, 0, SendOp::Send, Some(imm)) {
-            Ok(_) => {
-                self.sent_msgs += 1;
-                self.granted_msgs += msgs;
-                self.granted_bytes += bytes;
-            }
+            Ok(_) => self.credits.credited(imm),
             // Sends are full: the next completion frees one and reaps again.
             Err((spool_ffi::Error::QueuePairFull { .. }, _)) => {}
             Err((e, _)) => self.fail(format!("credit message: {e}")),
@@ -685,10 +624,10 @@ impl Read for RdmaLink {
             }
             return self.tcp.read(out);
         }
-        if self.landed_bytes == self.read_bytes {
+        if self.credits.unread().1 == 0 {
             self.arm(true)?;
         }
-        if self.landed_bytes == self.read_bytes
+        if self.credits.unread().1 == 0
             && !self.eof
             && self.state == State::Ready
             && self.peer_closed()?
@@ -697,7 +636,7 @@ impl Read for RdmaLink {
             self.eof = true;
             self.reap();
         }
-        let avail = self.landed_bytes - self.read_bytes;
+        let (pos, avail) = self.credits.unread();
         if avail == 0 {
             if self.eof {
                 return Ok(0);
@@ -705,7 +644,7 @@ impl Read for RdmaLink {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let n = (out.len() as u64).min(avail) as usize;
-        let pos = (self.read_bytes % self.ring_len) as usize;
+        let pos = pos as usize;
         let first = n.min(self.ring_len as usize - pos);
         let ring = &self
             .bufs
@@ -714,7 +653,7 @@ impl Read for RdmaLink {
             .ring;
         ring.copy_out(pos, &mut out[..first]);
         ring.copy_out(0, &mut out[first..n]);
-        self.read_bytes += n as u64;
+        self.credits.consumed(n as u64);
         self.give_credits();
         Ok(n)
     }
@@ -728,26 +667,20 @@ impl Write for RdmaLink {
         }
         let mut done = 0;
         while self.state == State::Ready && done < data.len() {
-            // One receive stays free for a credit message.
-            let room = self.bytes_limit - self.sent_bytes;
-            if self.sent_msgs + 1 >= self.msgs_limit || room == 0 {
+            let want = ((data.len() - done) as u64).min(self.slot_bytes as u64);
+            let Some((pos, n)) = self.credits.next_write(want) else {
                 break;
-            }
+            };
+            let n = n as usize;
             let bufs = self.bufs.as_mut().expect("a ready link has its buffers");
             let Some(mut slot) = bufs.free_slots.pop() else {
                 break;
             };
-            let pos = self.sent_bytes % self.peer_ring.len;
-            let n = ((data.len() - done) as u64)
-                .min(self.slot_bytes as u64)
-                .min(room)
-                .min(self.peer_ring.len - pos) as usize;
             slot.as_mut_slice()[..n].copy_from_slice(&data[done..done + n]);
             let op = SendOp::Write(self.peer_ring, pos);
             match self.qp.post_send(Some(slot), n as u32, op, Some(n as u32)) {
                 Ok(_) => {
-                    self.sent_bytes += n as u64;
-                    self.sent_msgs += 1;
+                    self.credits.wrote(n as u64);
                     done += n;
                 }
                 Err((e, slot)) => {
