@@ -209,6 +209,11 @@ fn rc_queue_pairs_send_write_and_read_over_soft_roce() {
         assert_eq!(b.outstanding(), 1);
         drop(target);
     }
+    // The flush is waited for by a closing thread: the buffers come back soon after.
+    let t0 = std::time::Instant::now();
+    while pool.available() < pool.count() && t0.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert_eq!(
         pool.available(),
         pool.count(),

@@ -330,6 +330,8 @@ pub struct QueuePair {
     slots: Vec<Slot>,
     free: VecDeque<usize>,
     sends: u32,
+    /// Set on the copy a closing thread drains: wait for the flushes right here.
+    drain_here: bool,
     // Dropped after the queue pair is destroyed (fields drop after Drop::drop).
     regions: Vec<Arc<MemoryRegion>>,
     pd: Arc<ProtectionDomain>,
@@ -420,6 +422,7 @@ impl QueuePair {
             slots: (0..slots).map(|_| Slot::Free).collect(),
             free: (0..slots).collect(),
             sends: 0,
+            drain_here: false,
             regions,
             pd: Arc::clone(pd),
         };
@@ -798,9 +801,15 @@ impl QueuePair {
 
 impl Drop for QueuePair {
     fn drop(&mut self) {
-        if self.outstanding() > 0 {
-            // The error state flushes every outstanding request; wait for the flushes
-            // so no buffer goes back to its pool while the NIC may still use it.
+        if self.qp.is_null() {
+            return; // handed to a closing thread
+        }
+        if self.outstanding() > 0 && !self.drain_here {
+            // The error state stops the queue pair (no more incoming writes) and
+            // flushes every outstanding request. Waiting for the flushes, so that no
+            // buffer goes back to its pool while the NIC may still use it, is left to
+            // a thread: the owner (the transport's polled thread) does not stall on a
+            // device that is slow to flush.
             let mut attr = sys::ibv_qp_attr {
                 qp_state: sys::ibv_qp_state::IBV_QPS_ERR,
                 ..Default::default()
@@ -810,6 +819,28 @@ impl Drop for QueuePair {
                 sys::ibv_qp_attr_mask::IBV_QP_STATE,
                 "modify QP to ERR",
             );
+            let closing = QueuePair {
+                channel: std::mem::replace(&mut self.channel, std::ptr::null_mut()),
+                cq: std::mem::replace(&mut self.cq, std::ptr::null_mut()),
+                qp: std::mem::replace(&mut self.qp, std::ptr::null_mut()),
+                psn: self.psn,
+                gid_index: self.gid_index,
+                depth: self.depth,
+                slots: std::mem::take(&mut self.slots),
+                free: std::mem::take(&mut self.free),
+                sends: self.sends,
+                drain_here: true,
+                regions: std::mem::take(&mut self.regions),
+                pd: Arc::clone(&self.pd),
+            };
+            // If no thread can be made, the closure (and so `closing`) is dropped
+            // here, which drains inline.
+            let _ = std::thread::Builder::new()
+                .name("spool-qp-close".into())
+                .spawn(move || drop(closing));
+            return;
+        }
+        if self.outstanding() > 0 {
             let deadline = Instant::now() + Duration::from_secs(5);
             let mut out = Vec::new();
             while self.outstanding() > 0 && Instant::now() < deadline {
