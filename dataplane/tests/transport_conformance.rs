@@ -298,9 +298,12 @@ fn dialing_nothing_fails(t: &dyn Transport) {
     assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
 }
 
-/// A client speaking plain TCP to a listener's port is served as a byte stream both
-/// ways (the rdma transport keeps clients, tools and benchmarks, on TCP).
-fn a_plain_tcp_client_is_served(t: &dyn Transport) {
+/// A plain TCP client that connected to a listener of `t` and sent `first`, and the
+/// link it was accepted as (registered under token 1).
+fn raw_client(
+    t: &dyn Transport,
+    first: &[u8],
+) -> (Poll, Events, std::net::TcpStream, Box<dyn Link>) {
     let mut poll = Poll::new().unwrap();
     let mut listener = t.listen(loopback()).unwrap();
     poll.registry()
@@ -308,17 +311,21 @@ fn a_plain_tcp_client_is_served(t: &dyn Transport) {
         .unwrap();
     let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     client.set_read_timeout(Some(EVENT_WAIT)).unwrap();
-    let hello = b"SPOOl, but not the rdma hello: a client frame";
-    client.write_all(hello).unwrap();
+    client.write_all(first).unwrap();
     let mut events = Events::with_capacity(8);
     let mut link = accept(&mut poll, &mut events, &mut *listener);
+    let flags = Interest::READABLE | Interest::WRITABLE;
     poll.registry()
-        .register(
-            &mut *link,
-            Token(1),
-            Interest::READABLE | Interest::WRITABLE,
-        )
+        .register(&mut *link, Token(1), flags)
         .unwrap();
+    (poll, events, client, link)
+}
+
+/// A client speaking plain TCP to a listener's port is served as a byte stream both
+/// ways (the rdma transport keeps clients, tools and benchmarks, on TCP).
+fn a_plain_tcp_client_is_served(t: &dyn Transport) {
+    let hello = b"SPOOl, but not the rdma hello: a client frame";
+    let (mut poll, mut events, mut client, mut link) = raw_client(t, hello);
     let mut got = Vec::new();
     let t0 = Instant::now();
     while got.len() < hello.len() {
@@ -380,24 +387,9 @@ fn rdma_tight() -> RdmaOptions {
 /// A dialer that starts like an rdma peer and then sends a bad hello is refused with
 /// an error that says why (never a panic, never a hang).
 fn a_bad_rdma_hello_is_refused(t: &dyn Transport) {
-    let mut poll = Poll::new().unwrap();
-    let mut listener = t.listen(loopback()).unwrap();
-    poll.registry()
-        .register(&mut *listener, Token(9), Interest::READABLE)
-        .unwrap();
-    let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let mut bad = [0xffu8; 64];
     bad[..4].copy_from_slice(b"SPRD");
-    client.write_all(&bad).unwrap();
-    let mut events = Events::with_capacity(8);
-    let mut link = accept(&mut poll, &mut events, &mut *listener);
-    poll.registry()
-        .register(
-            &mut *link,
-            Token(1),
-            Interest::READABLE | Interest::WRITABLE,
-        )
-        .unwrap();
+    let (mut poll, mut events, _client, mut link) = raw_client(t, &bad);
     let t0 = Instant::now();
     let err = loop {
         match link.read(&mut [0u8; 64]) {

@@ -13,12 +13,7 @@
 # SPOOL_VMLAB_DISK_MIB (default 4096: the emulated namespace, a sparse host file).
 set -euo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-bin="${SPOOL_BIN:-target/release/spool}"
-if [[ ! -x "$bin" ]]; then
-    cargo build --release --locked -p spool-controlplane --bin spool
-fi
-bin="$(realpath "$bin")"
+source "$(dirname "${BASH_SOURCE[0]}")/spool-bin.sh"
 disk_mib="${SPOOL_VMLAB_DISK_MIB:-4096}"
 # The guest loads the kernel's nvme driver first (it takes the controller); the bench
 # hands the controller to vfio-pci for Spool's rows and back to nvme for fio's.

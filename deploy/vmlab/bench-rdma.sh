@@ -13,12 +13,7 @@
 # Environment: SPOOL_BIN (default target/release/spool, built if missing).
 set -euo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-bin="${SPOOL_BIN:-target/release/spool}"
-if [[ ! -x "$bin" ]]; then
-    cargo build --release --locked -p spool-controlplane --bin spool
-fi
-bin="$(realpath "$bin")"
+source "$(dirname "${BASH_SOURCE[0]}")/spool-bin.sh"
 exec ./deploy/vmlab/run.sh --nvme 16 --hugepages 256 --mem 3072 --timeout 3600 -- \
     bash -c 'modprobe -d /tmp/vmlab-root -a crc32_generic rdma_rxe ib_uverbs &&
              ip link set lo up &&
