@@ -132,6 +132,8 @@ fn all_bench_runs_every_scenario_into_one_table_and_plot() {
     for (scenario, row) in [
         ("device", "spool write"),
         ("fuse", "mount write"),
+        ("transport", "spool tcp link"),
+        ("transport", "iperf3 tcp (loopback)"),
         ("cluster", "replicated write R=3"),
         ("cluster", "restore after a node loss (R = 2)"),
         ("blob", "spool: cold read (cache-on-read from blob)"),
@@ -147,6 +149,16 @@ fn all_bench_runs_every_scenario_into_one_table_and_plot() {
         !csv.contains("\"checkpoint\","),
         "a skipped scenario ran:\n{csv}"
     );
+    // Rows whose scenario measures CPU per GiB carry it (the column after ratio_of).
+    for row in [
+        "\"device\",\"spool write\",",
+        "\"fuse\",\"mount write\",",
+        "\"transport\",\"spool tcp link\",",
+    ] {
+        let line = csv.lines().find(|l| l.starts_with(row)).unwrap();
+        let f: Vec<&str> = line.split(',').collect();
+        assert!(f[6].parse::<f64>().is_ok(), "no CPU s/GiB in {line}");
+    }
     let svg = std::fs::read_to_string(d.join("bench.svg")).expect("svg plot");
     assert!(svg.contains("device: spool write"), "{svg}");
     // deploy/install-deps.sh installs rsvg-convert (librsvg2-bin) with the bench tools.

@@ -87,6 +87,19 @@ pub(crate) fn host_name() -> String {
         .to_owned()
 }
 
+/// CPU seconds this process and its waited-for children (dd, fio) have used (user +
+/// system), from /proc.
+pub(crate) fn process_and_children_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let mut ticks = 0.0;
+    for i in 11..=14 {
+        ticks += f.get(i)?.parse::<f64>().ok()?;
+    }
+    Some(ticks / 100.0)
+}
+
 /// CPU seconds this process has used (user + system), from /proc.
 pub(crate) fn process_cpu_secs() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;

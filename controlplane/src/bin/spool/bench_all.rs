@@ -1,9 +1,11 @@
 //! `spool bench all`: every scenario in one run, side by side: the device against fio,
-//! the FUSE mount against the local filesystem, replication against iperf3 and fio, the
+//! the FUSE mount against the local filesystem, one transport link against iperf3,
+//! replication against iperf3 and fio, the
 //! MLPerf-style checkpoint, the blob tier against the Azure SDK and rclone, and the
 //! scale model. Each scenario runs as its own `spool bench ...` (its table printed as
 //! it goes, its CSV kept); then one table gathers every row with its ratio to its limit
-//! or peer, the CPU time the scenario took, and the machine, written as CSV and plotted
+//! or peer, its CPU seconds per GiB where the scenario measures them, the CPU time the
+//! scenario took, and the machine, written as CSV and plotted
 //! (SVG, and PNG through `rsvg-convert` when it is installed).
 
 use std::fmt::Write as _;
@@ -14,7 +16,15 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 /// The scenarios, in the order they run.
-const SCENARIOS: [&str; 6] = ["device", "fuse", "cluster", "checkpoint", "blob", "scale"];
+const SCENARIOS: [&str; 7] = [
+    "device",
+    "fuse",
+    "transport",
+    "cluster",
+    "checkpoint",
+    "blob",
+    "scale",
+];
 
 #[derive(Debug, clap::Args)]
 pub struct AllBench {
@@ -24,8 +34,8 @@ pub struct AllBench {
     /// Small sizes (a few minutes in all): checks that everything runs; not figures.
     #[arg(long)]
     quick: bool,
-    /// Scenarios to leave out, e.g. `cluster,checkpoint` (of: device, fuse, cluster,
-    /// checkpoint, blob, scale).
+    /// Scenarios to leave out, e.g. `cluster,checkpoint` (of: device, fuse, transport,
+    /// cluster, checkpoint, blob, scale).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// The combined table as CSV (default: DIR/bench.csv).
@@ -48,6 +58,8 @@ struct Combined {
     ratio: Option<f64>,
     /// The ratio compares times (lower is better), not rates.
     ratio_of_times: bool,
+    /// CPU seconds per GiB moved, where the scenario measures it per row.
+    cpu_per_gib: Option<f64>,
     note: String,
 }
 
@@ -59,6 +71,7 @@ fn args(s: &str, dir: &Path, quick: bool) -> Vec<String> {
     let mut a = match s {
         "device" => v(&["device", "--path", &d("device/bench.img")]),
         "fuse" => v(&["fuse", "--path", &d("fuse/store.img")]),
+        "transport" => v(&["transport"]),
         "cluster" => v(&["cluster", "--dir", &d("cluster")]),
         "checkpoint" => v(&["checkpoint", "--dir", &d("checkpoint"), "--model", "smoke"]),
         "blob" => v(&["blob", "--dir", &d("blob")]),
@@ -77,6 +90,12 @@ fn args(s: &str, dir: &Path, quick: bool) -> Vec<String> {
             "--shard-size".into(),
             q("32MiB", "256MiB"),
             "--repeat".into(),
+            q("1", "3"),
+        ],
+        "transport" => vec![
+            "--bytes".into(),
+            q("64MiB", "1GiB"),
+            "--rounds".into(),
             q("1", "3"),
         ],
         "cluster" => vec!["--size".into(), q("64MiB", "1GiB")],
@@ -145,12 +164,13 @@ fn read_rows(scenario: &'static str, text: &str) -> Vec<Combined> {
     };
     let (what, value) = (
         col(&["what", "scenario"]),
-        col(&["value", "median_gb_per_s"]),
+        col(&["value", "median_gb_per_s", "gb_per_s"]),
     );
-    let (unit, note, ratio) = (
+    let (unit, note, ratio, cpu) = (
         col(&["unit"]),
         col(&["note"]),
-        col(&["ratio_vs_fio", "ratio_vs_direct"]),
+        col(&["ratio_vs_fio", "ratio_vs_direct", "ratio_vs_iperf3"]),
+        col(&["cpu_s_per_gib"]),
     );
     lines
         .map(split_csv)
@@ -168,6 +188,7 @@ fn read_rows(scenario: &'static str, text: &str) -> Vec<Combined> {
                 unit: unit.map_or("GB/s".to_owned(), |_| get(unit)),
                 ratio,
                 ratio_of_times,
+                cpu_per_gib: get(cpu).parse().ok(),
                 note,
             })
         })
@@ -306,16 +327,17 @@ pub fn run(b: &AllBench) -> Result<()> {
 
     println!("\n== spool bench all on {host}");
     println!(
-        "{:<11} {:<46} {:>10} {:<6} {:>12}",
-        "scenario", "what", "value", "", "ratio"
+        "{:<11} {:<46} {:>10} {:<6} {:>12} {:>9}",
+        "scenario", "what", "value", "", "ratio", "CPU s/GiB"
     );
     for r in &rows {
         let ratio = r.ratio.map_or(String::new(), |v| {
             format!("{v:.2}x {}", if r.ratio_of_times { "time" } else { "rate" })
         });
+        let cpu = r.cpu_per_gib.map_or("-".to_owned(), |c| format!("{c:.3}"));
         println!(
-            "{:<11} {:<46} {:>10.3} {:<6} {:>12}",
-            r.scenario, r.what, r.value, r.unit, ratio
+            "{:<11} {:<46} {:>10.3} {:<6} {:>12} {:>9}",
+            r.scenario, r.what, r.value, r.unit, ratio, cpu
         );
     }
     println!("\n{:<11} {:>9} {:>12}  rows", "scenario", "wall s", "CPU s");
@@ -324,7 +346,7 @@ pub fn run(b: &AllBench) -> Result<()> {
     }
     let csv = b.csv.clone().unwrap_or_else(|| b.dir.join("bench.csv"));
     let mut out = String::from(
-        "scenario,what,value,unit,ratio,ratio_of,note,scenario_cpu_s,scenario_wall_s,machine\n",
+        "scenario,what,value,unit,ratio,ratio_of,cpu_s_per_gib,note,scenario_cpu_s,scenario_wall_s,machine\n",
     );
     for r in &rows {
         let (_, secs, cpu, _) = summary
@@ -334,7 +356,7 @@ pub fn run(b: &AllBench) -> Result<()> {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:?},{:?},{},{:?},{},{},{:?},{cpu:.1},{secs:.1},{host:?}",
+            "{:?},{:?},{},{:?},{},{},{},{:?},{cpu:.1},{secs:.1},{host:?}",
             r.scenario,
             r.what,
             r.value,
@@ -345,6 +367,7 @@ pub fn run(b: &AllBench) -> Result<()> {
                 (Some(_), true) => "times",
                 (Some(_), false) => "rates",
             },
+            r.cpu_per_gib.map_or(String::new(), |c| format!("{c:.3}")),
             r.note,
         );
     }
@@ -421,8 +444,14 @@ mod tests {
         let device = "scenario,bytes,median_gb_per_s,min_gb_per_s,max_gb_per_s,cpu_s_per_gib,ratio_vs_fio\nspool write,1,2.9,2.5,3.1,0.148,0.72\n";
         let r = read_rows("device", device);
         assert_eq!(
-            (r[0].what.as_str(), r[0].value, r[0].ratio),
-            ("spool write", 2.9, Some(0.72))
+            (r[0].what.as_str(), r[0].value, r[0].ratio, r[0].cpu_per_gib),
+            ("spool write", 2.9, Some(0.72), Some(0.148))
+        );
+        let transport = "scenario,bytes,gb_per_s,cpu_s_per_gib,ratio_vs_iperf3,host\nspool tcp link,1,3.1,0.480,1.590,h\n";
+        let t = read_rows("transport", transport);
+        assert_eq!(
+            (t[0].what.as_str(), t[0].value, t[0].ratio, t[0].cpu_per_gib),
+            ("spool tcp link", 3.1, Some(1.59), Some(0.48))
         );
         assert!(svg(&[&r[0]], "t").contains("0.72x"));
     }

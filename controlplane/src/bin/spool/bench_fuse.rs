@@ -21,7 +21,7 @@ use spool_fuse_shim::{MountOptions, Mounted, Namespace};
 use spool_hugepages::{DmaPool, PagePolicy};
 use spool_perf::Perf;
 
-use crate::bench::{median, prepare_file};
+use crate::bench::{median, prepare_file, process_and_children_cpu_secs};
 
 const IO_BYTES: u64 = 1 << 20;
 
@@ -63,6 +63,22 @@ pub struct FuseBench {
 struct Sample {
     what: &'static str,
     gbps: f64,
+    /// CPU seconds (this process, which serves the mount, and the dd processes).
+    cpu_secs: Option<f64>,
+}
+
+/// Runs `f` (giving GB/s) and records it with the CPU seconds it took.
+fn sample(what: &'static str, f: impl FnOnce() -> Result<f64>) -> Result<Sample> {
+    let cpu0 = process_and_children_cpu_secs();
+    let gbps = f()?;
+    let cpu_secs = cpu0
+        .zip(process_and_children_cpu_secs())
+        .map(|(a, b)| b - a);
+    Ok(Sample {
+        what,
+        gbps,
+        cpu_secs,
+    })
 }
 
 fn drop_caches() {
@@ -258,14 +274,12 @@ pub fn run(b: &FuseBench) -> Result<()> {
     for round in 0..b.repeat {
         // Direct.
         let engine = start_engine(b, &pool)?;
-        samples.push(Sample {
-            what: "direct write",
-            gbps: direct(&engine, b.writers, shard, true)?,
-        });
-        samples.push(Sample {
-            what: "direct read",
-            gbps: direct(&engine, b.writers, shard, false)?,
-        });
+        samples.push(sample("direct write", || {
+            direct(&engine, b.writers, shard, true)
+        })?);
+        samples.push(sample("direct read", || {
+            direct(&engine, b.writers, shard, false)
+        })?);
         stop_engine(engine)?;
         // Through the mount, on a fresh store.
         let engine = start_engine(b, &pool)?;
@@ -286,34 +300,26 @@ pub fn run(b: &FuseBench) -> Result<()> {
             Arc::clone(&ns) as Arc<dyn spool_fuse_shim::ops::NsOps>,
             &opts,
         )?;
-        let r = (|| -> Result<(f64, f64)> {
-            let w = dd_files(&mnt, b.writers, shard, true)?;
+        let r = (|| -> Result<(Sample, Sample)> {
+            let w = sample("mount write", || dd_files(&mnt, b.writers, shard, true))?;
             drop_caches();
-            let r = dd_files(&mnt, b.writers, shard, false)?;
+            let r = sample("mount read", || dd_files(&mnt, b.writers, shard, false))?;
             Ok((w, r))
         })();
         m.unmount()?;
         drop(ns);
         stop_engine(engine)?;
         let (w, r) = r?;
-        samples.push(Sample {
-            what: "mount write",
-            gbps: w,
-        });
-        samples.push(Sample {
-            what: "mount read",
-            gbps: r,
-        });
+        samples.push(w);
+        samples.push(r);
         // Local filesystem.
-        samples.push(Sample {
-            what: "local write",
-            gbps: dd_files(&local, b.writers, shard, true)?,
-        });
+        samples.push(sample("local write", || {
+            dd_files(&local, b.writers, shard, true)
+        })?);
         drop_caches();
-        samples.push(Sample {
-            what: "local read",
-            gbps: dd_files(&local, b.writers, shard, false)?,
-        });
+        samples.push(sample("local read", || {
+            dd_files(&local, b.writers, shard, false)
+        })?);
         for i in 0..b.writers {
             let _ = std::fs::remove_file(local.join(format!("w{i}")));
         }
@@ -322,6 +328,17 @@ pub fn run(b: &FuseBench) -> Result<()> {
     let _ = std::fs::remove_dir(&local);
     let _ = std::fs::remove_dir(&mnt);
     print_table(&samples, b, shard)
+}
+
+/// CPU seconds per GiB moved (median over the rounds), if measured.
+fn cpu_per_gib(samples: &[Sample], what: &str, bytes: u64) -> Option<f64> {
+    let v: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.what == what)
+        .filter_map(|s| s.cpu_secs)
+        .map(|c| c / (bytes as f64 / (1u64 << 30) as f64))
+        .collect();
+    (!v.is_empty()).then(|| median(v))
 }
 
 fn print_table(samples: &[Sample], b: &FuseBench, shard: u64) -> Result<()> {
@@ -346,10 +363,11 @@ fn print_table(samples: &[Sample], b: &FuseBench, shard: u64) -> Result<()> {
         )
     };
     println!(
-        "{:<13} {:>9} {:>13} {:>10}",
-        "scenario", "GB/s", "min-max", "vs_direct"
+        "{:<13} {:>9} {:>13} {:>14} {:>10}",
+        "scenario", "GB/s", "min-max", "cpu_s_per_GiB", "vs_direct"
     );
-    let mut csv = String::from("scenario,median_gb_per_s,min_gb_per_s,max_gb_per_s,ratio_vs_direct,writers,shard_bytes,threads,direct_io,writeback_cache,rounds\n");
+    let bytes = b.writers as u64 * shard;
+    let mut csv = String::from("scenario,median_gb_per_s,min_gb_per_s,max_gb_per_s,cpu_s_per_gib,ratio_vs_direct,writers,shard_bytes,threads,direct_io,writeback_cache,rounds\n");
     for n in names {
         let (m, lo, hi) = med(n);
         let base = if n.ends_with("write") {
@@ -358,15 +376,17 @@ fn print_table(samples: &[Sample], b: &FuseBench, shard: u64) -> Result<()> {
             med("direct read").0
         };
         let ratio = m / base;
+        let cpu = cpu_per_gib(samples, n, bytes).map_or("-".to_owned(), |c| format!("{c:.3}"));
         println!(
-            "{:<13} {:>9.3} {:>13} {:>9.2}x",
+            "{:<13} {:>9.3} {:>13} {:>14} {:>9.2}x",
             n,
             m,
             format!("{lo:.2}-{hi:.2}"),
+            cpu,
             ratio
         );
         csv.push_str(&format!(
-            "{n},{m:.4},{lo:.4},{hi:.4},{ratio:.3},{},{shard},{},{},{},{}\n",
+            "{n},{m:.4},{lo:.4},{hi:.4},{cpu},{ratio:.3},{},{shard},{},{},{},{}\n",
             b.writers, b.threads, b.direct_io, b.writeback_cache, b.repeat
         ));
     }
