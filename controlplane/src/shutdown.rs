@@ -26,3 +26,22 @@ pub async fn requested(rx: &mut ShutdownReceiver) {
         }
     }
 }
+
+/// Makes a panic on any thread end the process (after the panic message and a log
+/// line), as an assertion should: a daemon whose dataplane core, transport or FUSE
+/// thread died would otherwise keep running with requests waiting on that thread for
+/// ever. Aborting is a crash the store is built for: what was acknowledged is durable
+/// and the next start recovers it from the log; the service manager restarts the node.
+pub fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            panic = %info,
+            "a thread panicked: aborting the daemon (the store recovers at the next start)"
+        );
+        std::process::abort();
+    }));
+}

@@ -198,3 +198,51 @@ fn format_refuses_an_occupied_device_without_force() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is spool serve running"));
 }
+
+/// Run by `a_panic_on_any_thread_aborts_the_daemon` in a child process: the daemon's
+/// panic hook, then a panic on a thread other than the main one.
+#[test]
+#[ignore = "a helper: run in a child process by a_panic_on_any_thread_aborts_the_daemon"]
+fn panic_child_helper() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .try_init();
+    spool_controlplane::shutdown::abort_on_panic();
+    let _ = std::thread::Builder::new()
+        .name("spool-core-0".into())
+        .spawn(|| panic!("an invariant broke"));
+    std::thread::sleep(std::time::Duration::from_secs(60));
+    unreachable!("the panic on another thread did not end the process");
+}
+
+/// `spool serve` installs a hook that turns a panic on any thread into an abort, so a
+/// daemon never keeps running with one of its threads dead (requests waiting on it for
+/// ever); the store recovers at the next start like after any crash.
+#[test]
+fn a_panic_on_any_thread_aborts_the_daemon() {
+    use std::os::unix::process::ExitStatusExt;
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "panic_child_helper", "--ignored", "--nocapture"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{:?}\n{err}",
+        out.status
+    );
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "aborted only after the sleep"
+    );
+    assert!(
+        err.contains("an invariant broke"),
+        "the panic message:\n{err}"
+    );
+    assert!(
+        err.contains("aborting the daemon") && err.contains("spool-core-0"),
+        "the log line names the thread:\n{err}"
+    );
+}

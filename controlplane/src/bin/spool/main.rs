@@ -240,7 +240,10 @@ fn print_json(v: &Value) {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Serve { config } => node::serve(&config),
+        Cmd::Serve { config } => {
+            spool_controlplane::shutdown::abort_on_panic();
+            node::serve(&config)
+        }
         Cmd::Format {
             path,
             size,
