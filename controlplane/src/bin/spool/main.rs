@@ -212,7 +212,8 @@ enum BenchCmd {
     /// seconds per GiB.
     Transport(bench_transport::TransportBench),
     /// Every scenario above in one run, then one table of every row with its ratio to
-    /// its limit or peer, the CPU time and the machine, as CSV and a plot (PNG).
+    /// its limit or peer, CPU seconds per GiB where measured, the CPU time and the
+    /// machine, as CSV and a plot (PNG).
     All(bench_all::AllBench),
     /// One rank of `spool bench checkpoint` (run by it).
     #[command(hide = true)]
