@@ -39,6 +39,14 @@ fn set_nonblocking(fd: RawFd) -> Result<(), Error> {
     Ok(())
 }
 
+/// A work request's scatter list: its one entry, or none when it has no buffer.
+fn scatter(sge: &mut sys::ibv_sge, has_buf: bool) -> (*mut sys::ibv_sge, i32) {
+    match has_buf {
+        true => (sge, 1),
+        false => (std::ptr::null_mut(), 0),
+    }
+}
+
 /// An open device context.
 #[derive(Debug)]
 pub struct Domain {
@@ -643,14 +651,11 @@ impl QueuePair {
             length: cap,
             lkey,
         };
+        let (sg_list, num_sge) = scatter(&mut sge, has_buf);
         let mut wr = sys::ibv_recv_wr {
             wr_id,
-            sg_list: if has_buf {
-                &mut sge
-            } else {
-                std::ptr::null_mut()
-            },
-            num_sge: i32::from(has_buf),
+            sg_list,
+            num_sge,
             ..Default::default()
         };
         let mut bad = std::ptr::null_mut();
@@ -713,14 +718,11 @@ impl QueuePair {
             (SendOp::Write(..), true) => Op::IBV_WR_RDMA_WRITE_WITH_IMM,
             (SendOp::Read(..), _) => Op::IBV_WR_RDMA_READ,
         };
+        let (sg_list, num_sge) = scatter(&mut sge, has_buf);
         let mut wr = sys::ibv_send_wr {
             wr_id,
-            sg_list: if has_buf {
-                &mut sge
-            } else {
-                std::ptr::null_mut()
-            },
-            num_sge: i32::from(has_buf),
+            sg_list,
+            num_sge,
             opcode,
             send_flags: sys::ibv_send_flags::IBV_SEND_SIGNALED.0,
             ..Default::default()

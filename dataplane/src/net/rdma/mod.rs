@@ -343,8 +343,6 @@ pub struct RdmaLink {
     failed: Option<String>,
     /// The peer closed its end (after everything it wrote was read).
     eof: bool,
-    ring_len: u64,
-    slot_bytes: usize,
     /// The peer's ring (from its hello).
     peer_ring: RemoteRegion,
     credits: Credits,
@@ -375,8 +373,6 @@ impl RdmaLink {
             peer_hello: [0; HELLO_LEN],
             failed: None,
             eof: false,
-            ring_len: o.ring_bytes as u64,
-            slot_bytes: o.slot_bytes,
             peer_ring: RemoteRegion {
                 addr: 0,
                 len: 0,
@@ -645,7 +641,7 @@ impl Read for RdmaLink {
         }
         let n = (out.len() as u64).min(avail) as usize;
         let pos = pos as usize;
-        let first = n.min(self.ring_len as usize - pos);
+        let first = n.min(self.opts.ring_bytes - pos);
         let ring = &self
             .bufs
             .as_ref()
@@ -667,7 +663,7 @@ impl Write for RdmaLink {
         }
         let mut done = 0;
         while self.state == State::Ready && done < data.len() {
-            let want = ((data.len() - done) as u64).min(self.slot_bytes as u64);
+            let want = ((data.len() - done) as u64).min(self.opts.slot_bytes as u64);
             let Some((pos, n)) = self.credits.next_write(want) else {
                 break;
             };
