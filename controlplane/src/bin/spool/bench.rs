@@ -87,26 +87,33 @@ pub(crate) fn host_name() -> String {
         .to_owned()
 }
 
-/// CPU seconds this process and its waited-for children (dd, fio) have used (user +
-/// system), from /proc.
-pub(crate) fn process_and_children_cpu_secs() -> Option<f64> {
+/// CPU seconds from /proc/self/stat fields `fields` (after the command name): 11-12
+/// are this process's user + system, 13-14 its waited-for children's.
+fn stat_cpu_secs(fields: std::ops::RangeInclusive<usize>) -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let mut ticks = 0.0;
-    for i in 11..=14 {
+    for i in fields {
         ticks += f.get(i)?.parse::<f64>().ok()?;
     }
     Some(ticks / 100.0)
 }
 
-/// CPU seconds this process has used (user + system), from /proc.
+/// CPU seconds this process and its waited-for children (dd, fio) have used (user +
+/// system).
+pub(crate) fn process_and_children_cpu_secs() -> Option<f64> {
+    stat_cpu_secs(11..=14)
+}
+
+/// CPU seconds this process has used (user + system).
 pub(crate) fn process_cpu_secs() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
+    stat_cpu_secs(11..=12)
+}
+
+/// CPU seconds this process's waited-for children have used (user + system).
+pub(crate) fn children_cpu_secs() -> Option<f64> {
+    stat_cpu_secs(13..=14)
 }
 
 pub(crate) fn prepare_file(path: &Path, size: u64) -> Result<()> {

@@ -15,6 +15,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use crate::bench::children_cpu_secs;
+
 /// The scenarios, in the order they run.
 const SCENARIOS: [&str; 7] = [
     "device",
@@ -195,15 +197,6 @@ fn read_rows(scenario: &'static str, text: &str) -> Vec<Combined> {
         .collect()
 }
 
-/// CPU seconds of this process's waited-for children (user + system), from /proc.
-fn children_cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (tick(13) + tick(14)) / 100.0
-}
-
 /// This machine in one line: host, CPUs, memory, kernel.
 fn machine() -> String {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
@@ -305,13 +298,14 @@ pub fn run(b: &AllBench) -> Result<()> {
         a.push("--csv".into());
         a.push(csv.display().to_string());
         eprintln!("\n=== spool bench {}", a.join(" "));
-        let (t0, cpu0) = (Instant::now(), children_cpu_secs());
+        let (t0, cpu0) = (Instant::now(), children_cpu_secs().unwrap_or(0.0));
         let st = Command::new(&exe)
             .arg("bench")
             .args(&a)
             .status()
             .with_context(|| format!("running spool bench {s}"))?;
-        let (secs, cpu) = (t0.elapsed().as_secs_f64(), children_cpu_secs() - cpu0);
+        let cpu = children_cpu_secs().unwrap_or(0.0) - cpu0;
+        let secs = t0.elapsed().as_secs_f64();
         if !st.success() {
             bail!("spool bench {s} failed ({st}); its output is above");
         }

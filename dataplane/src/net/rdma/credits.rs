@@ -34,17 +34,6 @@ pub(super) struct Credits {
     granted_msgs: u64,
 }
 
-/// What a received message was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Received {
-    /// `len` bytes landed at ring position `pos`.
-    Data {
-        pos: u64,
-        len: u64,
-    },
-    Credit,
-}
-
 impl Credits {
     /// Our ring and receive depth; nothing may be sent until `connect`.
     pub(super) fn new(ring_len: u64, depth: u32) -> Self {
@@ -124,9 +113,10 @@ impl Credits {
         assert!(self.granted_bytes <= self.read_bytes);
     }
 
-    /// A message from the peer: its immediate and the bytes the completion reports.
-    /// A peer that breaks the protocol gets an error (the link fails), never a panic.
-    pub(super) fn received(&mut self, imm: u32, byte_len: u32) -> Result<Received, String> {
+    /// A message from the peer (data landed in the ring, or credits): its immediate
+    /// and the bytes the completion reports. A peer that breaks the protocol gets an
+    /// error (the link fails), never a panic.
+    pub(super) fn received(&mut self, imm: u32, byte_len: u32) -> Result<(), String> {
         if self.polled_msgs >= self.granted_msgs {
             return Err("peer sent more messages than it was given receives".into());
         }
@@ -145,7 +135,7 @@ impl Credits {
                 ));
             }
             self.landed_bytes += n;
-            return Ok(Received::Data { pos, len: n });
+            return Ok(());
         }
         let (msgs, bytes) = split(imm);
         if byte_len != 0
@@ -156,7 +146,7 @@ impl Credits {
         }
         self.msgs_limit += msgs;
         self.bytes_limit += bytes;
-        Ok(Received::Credit)
+        Ok(())
     }
 
     /// Bytes landed and not read yet, and the ring position of the first.
@@ -337,9 +327,8 @@ mod tests {
                 }
                 Step::Deliver(i) => {
                     let (imm, len) = e[1 - i].wire.pop_front().unwrap();
-                    match e[i].c.received(imm, len) {
-                        Ok(Received::Data { .. } | Received::Credit) => {}
-                        Err(why) => panic!("{what}: {why}"),
+                    if let Err(why) = e[i].c.received(imm, len) {
+                        panic!("{what}: {why}");
                     }
                 }
                 Step::Ack(i) => {

@@ -45,7 +45,7 @@ use spool_hugepages::{DmaBuf, DmaPool, PagePolicy};
 
 use super::transport::{tune, Link, Listener, Transport};
 use crate::Error;
-use credits::{Credits, Received, CREDIT_BYTES_BITS, CREDIT_MSGS_MAX};
+use credits::{Credits, CREDIT_BYTES_BITS, CREDIT_MSGS_MAX};
 
 mod credits;
 
@@ -538,9 +538,7 @@ impl RdmaLink {
         // Repost first: the peer may use the receive as soon as credit says so.
         self.qp.post_recv(None).map_err(|(e, _)| e.to_string())?;
         let imm = c.imm.ok_or("a message without an immediate")?;
-        match self.credits.received(imm, c.byte_len)? {
-            Received::Data { .. } | Received::Credit => Ok(()),
-        }
+        self.credits.received(imm, c.byte_len)
     }
 
     /// Gives back receives and ring bytes once half of either is due.
