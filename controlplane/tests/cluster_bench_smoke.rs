@@ -27,6 +27,21 @@ fn bench(dir: &Path, args: &[&str], rows: &[&str]) -> String {
     text
 }
 
+/// The CPU seconds per GiB in `csv`'s row for `what` (the column `cpu_s_per_gib` of
+/// `what,value,unit,cpu_s_per_gib,note`), checked to be a figure.
+fn cpu_of(csv: &str, what: &str) -> f64 {
+    let line = csv
+        .lines()
+        .find(|l| l.starts_with(&format!("{what:?},")))
+        .unwrap_or_else(|| panic!("no {what:?} row in:\n{csv}"));
+    let f: Vec<&str> = line.split(',').collect();
+    let cpu: f64 = f[3]
+        .parse()
+        .unwrap_or_else(|_| panic!("no CPU s/GiB in {line}"));
+    assert!(cpu.is_finite() && cpu >= 0.0, "{line}");
+    cpu
+}
+
 #[test]
 fn checkpoint_bench_runs_end_to_end() {
     let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
@@ -54,6 +69,14 @@ fn checkpoint_bench_runs_end_to_end() {
     );
     let csv = std::fs::read_to_string(csv).expect("csv written");
     assert_eq!(csv.lines().count(), 1 + 6, "header and six rows:\n{csv}");
+    for what in [
+        "local fs: checkpoint write (slowest rank)",
+        "local fs: read back (slowest rank)",
+        "cluster: checkpoint write (slowest rank)",
+        "cluster: read back on another node",
+    ] {
+        cpu_of(&csv, what);
+    }
 }
 
 #[test]
@@ -97,6 +120,8 @@ fn blob_bench_runs_end_to_end() {
             "Azure SDK (Python) direct download",
             "spool: cold read (cache-on-read from blob)",
             "spool: warm read (from the cache)",
+            "rclone vfs full: cold read",
+            "rclone vfs full: warm read (its cache)",
             "checked against the source files",
         ],
     );
@@ -112,7 +137,26 @@ fn blob_bench_runs_end_to_end() {
         "requests:\n{text}"
     );
     let csv = std::fs::read_to_string(csv).expect("csv written");
-    assert_eq!(csv.lines().count(), 1 + 10, "header and ten rows:\n{csv}");
+    assert_eq!(
+        csv.lines().count(),
+        1 + 12,
+        "header and twelve rows:\n{csv}"
+    );
+    // Every path that moves the checkpoint says what CPU it cost.
+    for what in [
+        "Azure SDK (Python) direct upload",
+        "spool: durable in cache (fsync done)",
+        "spool: durable in blob",
+        "rclone vfs writes: close returned",
+        "rclone vfs writes: in blob",
+        "Azure SDK (Python) direct download",
+        "spool: cold read (cache-on-read from blob)",
+        "spool: warm read (from the cache)",
+        "rclone vfs full: cold read",
+        "rclone vfs full: warm read (its cache)",
+    ] {
+        cpu_of(&csv, what);
+    }
 }
 
 #[test]
@@ -154,6 +198,10 @@ fn all_bench_runs_every_scenario_into_one_table_and_plot() {
         "\"device\",\"spool write\",",
         "\"fuse\",\"mount write\",",
         "\"transport\",\"spool tcp link\",",
+        "\"cluster\",\"iperf3 node1 -> node2 (veth)\",",
+        "\"cluster\",\"replicated write R=3\",",
+        "\"blob\",\"spool: durable in blob\",",
+        "\"blob\",\"spool: cold read (cache-on-read from blob)\",",
     ] {
         let line = csv.lines().find(|l| l.starts_with(row)).unwrap();
         let f: Vec<&str> = line.split(',').collect();

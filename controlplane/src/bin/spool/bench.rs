@@ -87,10 +87,10 @@ pub(crate) fn host_name() -> String {
         .to_owned()
 }
 
-/// CPU seconds from /proc/self/stat fields `fields` (after the command name): 11-12
-/// are this process's user + system, 13-14 its waited-for children's.
-fn stat_cpu_secs(fields: std::ops::RangeInclusive<usize>) -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+/// CPU seconds from a `/proc/PID/stat` file's fields `fields` (after the command
+/// name): 11-12 are the process's user + system, 13-14 its waited-for children's.
+fn stat_cpu_secs(pid: &str, fields: std::ops::RangeInclusive<usize>) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let mut ticks = 0.0;
@@ -103,17 +103,54 @@ fn stat_cpu_secs(fields: std::ops::RangeInclusive<usize>) -> Option<f64> {
 /// CPU seconds this process and its waited-for children (dd, fio) have used (user +
 /// system).
 pub(crate) fn process_and_children_cpu_secs() -> Option<f64> {
-    stat_cpu_secs(11..=14)
+    stat_cpu_secs("self", 11..=14)
 }
 
 /// CPU seconds this process has used (user + system).
 pub(crate) fn process_cpu_secs() -> Option<f64> {
-    stat_cpu_secs(11..=12)
+    stat_cpu_secs("self", 11..=12)
 }
 
 /// CPU seconds this process's waited-for children have used (user + system).
 pub(crate) fn children_cpu_secs() -> Option<f64> {
-    stat_cpu_secs(13..=14)
+    stat_cpu_secs("self", 13..=14)
+}
+
+/// The CPU time a piece of work costs, wherever it runs: this process (client
+/// threads, and the kernel's FUSE and socket work done on their behalf), the children
+/// it waits for meanwhile (rank processes, the Azure SDK's Python), and the running
+/// processes named at the start (daemons, rclone). Not counted: kernel threads
+/// (writeback flushers, softirqs) and the store's server (Azurite stands in for Azure,
+/// whose CPU is not the user's).
+pub(crate) struct CpuSpan {
+    pids: Vec<u32>,
+    start_secs: f64,
+}
+
+impl CpuSpan {
+    pub(crate) fn start(pids: Vec<u32>) -> CpuSpan {
+        let start_secs = CpuSpan::total_secs(&pids);
+        CpuSpan { pids, start_secs }
+    }
+
+    fn total_secs(pids: &[u32]) -> f64 {
+        let others: f64 = pids
+            .iter()
+            .filter_map(|p| stat_cpu_secs(&p.to_string(), 11..=12))
+            .sum();
+        process_and_children_cpu_secs().unwrap_or(0.0) + others
+    }
+
+    /// CPU seconds since the start.
+    pub(crate) fn secs(&self) -> f64 {
+        (CpuSpan::total_secs(&self.pids) - self.start_secs).max(0.0)
+    }
+
+    /// CPU seconds since the start per GiB of `bytes` moved.
+    pub(crate) fn per_gib(&self, bytes: u64) -> f64 {
+        assert!(bytes > 0, "CPU per GiB of nothing");
+        self.secs() / (bytes as f64 / (1u64 << 30) as f64)
+    }
 }
 
 pub(crate) fn prepare_file(path: &Path, size: u64) -> Result<()> {

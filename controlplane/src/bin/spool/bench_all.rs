@@ -197,6 +197,15 @@ fn read_rows(scenario: &'static str, text: &str) -> Vec<Combined> {
         .collect()
 }
 
+impl Combined {
+    /// How fast the row is against its limit or peer, higher being better: a ratio of
+    /// rates as it is, a ratio of times inverted (0.5x the SDK's time is 2x its speed).
+    fn speed(&self) -> Option<f64> {
+        let r = self.ratio.filter(|r| *r > 0.0)?;
+        Some(if self.ratio_of_times { 1.0 / r } else { r })
+    }
+}
+
 /// This machine in one line: host, CPUs, memory, kernel.
 fn machine() -> String {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
@@ -217,12 +226,13 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// A horizontal bar per row with a ratio, and lines at 0.9 and 1.
+/// A horizontal bar per row with a ratio: its speed against its limit or peer (one
+/// scale for every row: higher is better), lines at 0.9 and 1, and the CPU it cost.
 fn svg(rows: &[&Combined], title: &str) -> String {
     let (label_w, bar_w, row_h, top) = (560.0, 420.0, 22.0, 50.0);
     let max = rows
         .iter()
-        .filter_map(|r| r.ratio)
+        .filter_map(|r| r.speed())
         .fold(1.2f64, f64::max)
         .min(6.0);
     let x = |v: f64| label_w + bar_w * v.min(max) / max;
@@ -230,16 +240,19 @@ fn svg(rows: &[&Combined], title: &str) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14">{t}</text><text x="10" y="38" fill="#555">ratio to the row's limit or peer (lines at 0.9 and 1.0): blue, of rates (higher is better); orange, of times (lower is better)</text>"##,
-        w = label_w + bar_w + 80.0,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14">{t}</text><text x="10" y="38" fill="#555">speed against the row's limit or peer, higher is better (lines at 0.9 and 1.0): blue, a ratio of rates; orange, of times, inverted (peer's time / this row's)</text>"##,
+        w = label_w + bar_w + 240.0,
         t = escape(title)
     );
     for (i, r) in rows.iter().enumerate() {
         let y = top + row_h * i as f64;
-        let v = r.ratio.unwrap_or(0.0);
+        let v = r.speed().unwrap_or(0.0);
+        let cpu = r
+            .cpu_per_gib
+            .map_or(String::new(), |c| format!(", {c:.2} CPU s/GiB"));
         let _ = write!(
             s,
-            r##"<text x="{lx}" y="{ty}" text-anchor="end">{label}</text><rect x="{x0}" y="{y}" width="{bw:.1}" height="{bh}" fill="{fill}"/><text x="{tx:.1}" y="{ty}">{v:.2}x</text>"##,
+            r##"<text x="{lx}" y="{ty}" text-anchor="end">{label}</text><rect x="{x0}" y="{y}" width="{bw:.1}" height="{bh}" fill="{fill}"/><text x="{tx:.1}" y="{ty}">{v:.2}x{cpu}</text>"##,
             lx = label_w - 8.0,
             ty = y + 15.0,
             label = escape(&format!("{}: {}", r.scenario, r.what)),
@@ -428,13 +441,26 @@ mod tests {
 
     #[test]
     fn rows_come_from_either_csv_shape() {
-        let generic = "what,value,unit,note\n\"spool: warm read\",1.1,s,\"0.99 GB/s; 0.11x the SDK's time\"\n";
-        let r = read_rows("blob", generic);
-        assert_eq!(r.len(), 1);
+        let generic = "what,value,unit,cpu_s_per_gib,note\n\"spool: warm read\",1.1,s,0.25,\"0.99 GB/s; 0.50x the SDK's time\"\n\"spool: blob requests per GB\",123,,,\"{}\"\n";
+        let g = read_rows("blob", generic);
+        assert_eq!(g.len(), 2);
         assert_eq!(
-            (r[0].value, r[0].ratio, r[0].ratio_of_times),
-            (1.1, Some(0.11), true)
+            (
+                g[0].value,
+                g[0].ratio,
+                g[0].ratio_of_times,
+                g[0].cpu_per_gib
+            ),
+            (1.1, Some(0.5), true, Some(0.25))
         );
+        assert_eq!(
+            (g[1].value, g[1].ratio, g[1].cpu_per_gib),
+            (123.0, None, None)
+        );
+        // Half the peer's time is twice its speed: the plot has one direction.
+        assert_eq!(g[0].speed(), Some(2.0));
+        let plot = svg(&[&g[0]], "t");
+        assert!(plot.contains(">2.00x, 0.25 CPU s/GiB<"), "{plot}");
         let device = "scenario,bytes,median_gb_per_s,min_gb_per_s,max_gb_per_s,cpu_s_per_gib,ratio_vs_fio\nspool write,1,2.9,2.5,3.1,0.148,0.72\n";
         let r = read_rows("device", device);
         assert_eq!(

@@ -4,7 +4,10 @@
 //! writes`. Reports the time until the checkpoint is durable in the cache (the job can
 //! go on) and until it is in the blob store, and the store requests it cost; then the
 //! checkpoint read back through a fresh node's cache-on-read, cold (from the store)
-//! and warm (from the cache), against a direct download with the SDK.
+//! and warm (from the cache), against a direct download with the SDK and against
+//! `rclone mount --vfs-cache-mode full` (cold, then from its cache). The page cache is
+//! dropped before every read. Each path's row gives its CPU seconds per GiB: the
+//! client, the SDK's Python or the process serving the mount (Azurite's not counted).
 
 #[path = "../../../tests/common/azurite.rs"]
 mod azurite;
@@ -19,6 +22,7 @@ use serde_json::{json, Value};
 use spool_controlplane::admin;
 use spool_controlplane::config::size::ByteSize;
 
+use crate::bench::CpuSpan;
 use crate::bench_cluster::{print_rows, Row};
 
 /// Bytes per write(2) of the checkpoint writers.
@@ -38,7 +42,7 @@ pub struct BlobBench {
     /// Spool's upload block size (blob.part_size).
     #[arg(long, default_value = "8MiB")]
     part_size: ByteSize,
-    /// Skip the rclone row.
+    /// Skip the rclone rows.
     #[arg(long)]
     no_rclone: bool,
     #[arg(long)]
@@ -152,6 +156,12 @@ fn is_mounted(p: &Path) -> bool {
 /// A child killed (and its mount detached) when dropped.
 struct Proc(Child, PathBuf);
 
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = Command::new("kill")
@@ -173,7 +183,7 @@ impl Drop for Proc {
 struct SpoolNode {
     mnt: PathBuf,
     socket: PathBuf,
-    _proc: Proc,
+    proc: Proc,
 }
 
 impl SpoolNode {
@@ -213,11 +223,7 @@ impl SpoolNode {
         wait_for("spool mount", Duration::from_secs(60), || {
             Ok(socket.exists() && is_mounted(&mnt))
         })?;
-        Ok(SpoolNode {
-            mnt,
-            socket,
-            _proc: proc,
-        })
+        Ok(SpoolNode { mnt, socket, proc })
     }
 
     fn ask(&self, req: Value) -> Result<Value> {
@@ -225,15 +231,45 @@ impl SpoolNode {
     }
 }
 
-/// The spool rows: seconds to durable in cache, to durable in blob, and counters.
-fn run_spool(b: &BlobBench, az: &azurite::Azurite, src: &Path) -> Result<(f64, f64, Value)> {
+/// Seconds and CPU seconds per GiB of one path through the checkpoint.
+#[derive(Clone, Copy)]
+struct Timed {
+    secs: f64,
+    cpu_s_per_gib: f64,
+}
+
+impl Timed {
+    fn since(t0: Instant, cpu: &CpuSpan, bytes: u64) -> Timed {
+        Timed {
+            secs: t0.elapsed().as_secs_f64(),
+            cpu_s_per_gib: cpu.per_gib(bytes),
+        }
+    }
+}
+
+/// Empties the kernel's page cache, so that a read measures the mount's own cache (or
+/// the store), not pages the kernel kept from an earlier read.
+fn drop_page_cache() {
+    let _ = Command::new("sh")
+        .args(["-c", "sync; echo 3 > /proc/sys/vm/drop_caches"])
+        .status();
+}
+
+/// The spool rows: durable in cache, durable in blob, and counters.
+fn run_spool(
+    b: &BlobBench,
+    az: &azurite::Azurite,
+    src: &Path,
+    bytes: u64,
+) -> Result<(Timed, Timed, Value)> {
     let blob = format!(
         "prefix = \"ckpt/\"\nwriteback_delay_ms = 0\nscan_interval_ms = 100\npart_size = \"{}\"\n",
         b.part_size
     );
     let node = SpoolNode::start(b, az, "spool", "spool", &blob)?;
-    let t_cache = write_checkpoint(src, &node.mnt)?;
-    let t0 = Instant::now();
+    let (t0, cpu) = (Instant::now(), CpuSpan::start(vec![node.proc.pid()]));
+    write_checkpoint(src, &node.mnt)?;
+    let cache = Timed::since(t0, &cpu, bytes);
     node.ask(json!({"cmd": "flush"}))?;
     let mut last = Value::Null;
     wait_for("spool upload", Duration::from_secs(3600), || {
@@ -243,8 +279,7 @@ fn run_spool(b: &BlobBench, az: &azurite::Azurite, src: &Path) -> Result<(f64, f
         Ok(last["backlog"]["dirty_files"].as_u64() == Some(0)
             && last["files_uploaded"].as_u64() >= Some(b.files as u64))
     })?;
-    let t_blob = t_cache + t0.elapsed().as_secs_f64();
-    Ok((t_cache, t_blob, last))
+    Ok((cache, Timed::since(t0, &cpu, bytes), last))
 }
 
 /// Reads every file of `src`'s names under `dir`, one reader thread each, and checks
@@ -279,35 +314,57 @@ fn read_checkpoint(src: &Path, dir: &Path) -> Result<f64> {
     Ok(secs)
 }
 
+/// Reads the checkpoint under `dir` twice, cold then warm, with the page cache dropped
+/// before each; `pid` is the process serving the mount.
+fn read_twice(src: &Path, dir: &Path, pid: u32, bytes: u64) -> Result<(Timed, Timed)> {
+    let read = || -> Result<Timed> {
+        drop_page_cache();
+        let (t0, cpu) = (Instant::now(), CpuSpan::start(vec![pid]));
+        read_checkpoint(src, dir)?;
+        Ok(Timed::since(t0, &cpu, bytes))
+    };
+    Ok((read()?, read()?))
+}
+
 /// Cache-on-read rows: a fresh node over the SDK's container (cache-only) reads the
 /// checkpoint cold (fetched from the store), then warm (from the cache). Returns the
-/// two times and the GETs the cold read cost.
-fn run_spool_read(b: &BlobBench, az: &azurite::Azurite, src: &Path) -> Result<(f64, f64, u64)> {
+/// two reads and the GETs they cost together.
+fn run_spool_read(
+    b: &BlobBench,
+    az: &azurite::Azurite,
+    src: &Path,
+    bytes: u64,
+) -> Result<(Timed, Timed, u64)> {
     let node = SpoolNode::start(b, az, "spool-read", "sdk", "mode = \"cache-only\"\n")?;
-    let cold = read_checkpoint(src, &node.mnt.join("ckpt"))?;
+    let (cold, warm) = read_twice(src, &node.mnt.join("ckpt"), node.proc.pid(), bytes)?;
     let st = node.ask(json!({"cmd": "status"}))?;
     let gets = st["blob_read"]["requests"]["get"].as_u64().unwrap_or(0);
-    let warm = read_checkpoint(src, &node.mnt.join("ckpt"))?;
     Ok((cold, warm, gets))
 }
 
-/// rclone's rows: seconds until the writers' close returned, and until every file is
-/// in the container at its full size.
-fn run_rclone(b: &BlobBench, az: &azurite::Azurite, src: &Path) -> Result<(f64, f64)> {
-    let dir = b.dir.join("rclone");
+/// `rclone mount` of `container` in `b.dir/<name>/mnt` with `--vfs-cache-mode
+/// <cache_mode>`; the mount is detached when the result drops.
+fn rclone_mount(
+    b: &BlobBench,
+    az: &azurite::Azurite,
+    name: &str,
+    container: &str,
+    cache_mode: &str,
+) -> Result<(Proc, PathBuf)> {
+    let dir = b.dir.join(name);
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt)?;
     // rclone 1.60 builds https://ACCOUNT.ENDPOINT from an account; a container SAS URL
     // is the way to point it at Azurite's port.
-    let sas = az.az("rclone", &["sas"]);
-    let remote = format!(":azureblob,sas_url='{}':rclone", sas.trim());
+    let sas = az.az(container, &["sas"]);
+    let remote = format!(":azureblob,sas_url='{}':{container}", sas.trim());
     let log = std::fs::File::create(dir.join("rclone.log"))?;
     let child = Command::new("rclone")
         .args(["mount", &remote])
         .arg(&mnt)
         .args([
             "--vfs-cache-mode",
-            "writes",
+            cache_mode,
             "--vfs-write-back",
             "0s",
             "--cache-dir",
@@ -318,12 +375,25 @@ fn run_rclone(b: &BlobBench, az: &azurite::Azurite, src: &Path) -> Result<(f64, 
         .stderr(log)
         .spawn()
         .context("starting rclone mount (Debian package rclone)")?;
-    let _m = Proc(child, mnt.clone());
+    let m = Proc(child, mnt.clone());
     wait_for("rclone mount", Duration::from_secs(30), || {
         Ok(is_mounted(&mnt))
     })?;
-    let t0 = Instant::now();
-    let t_cache = write_checkpoint(src, &mnt)?;
+    Ok((m, mnt))
+}
+
+/// rclone's write rows: until the writers' close returned, and until every file is in
+/// the container at its full size.
+fn run_rclone(
+    b: &BlobBench,
+    az: &azurite::Azurite,
+    src: &Path,
+    bytes: u64,
+) -> Result<(Timed, Timed)> {
+    let (m, mnt) = rclone_mount(b, az, "rclone", "rclone", "writes")?;
+    let (t0, cpu) = (Instant::now(), CpuSpan::start(vec![m.pid()]));
+    write_checkpoint(src, &mnt)?;
+    let closed = Timed::since(t0, &cpu, bytes);
     let want = b.files;
     wait_for(
         "rclone upload (see rclone/rclone.log)",
@@ -337,7 +407,20 @@ fn run_rclone(b: &BlobBench, az: &azurite::Azurite, src: &Path) -> Result<(f64, 
             Ok(n == want)
         },
     )?;
-    Ok((t_cache, t0.elapsed().as_secs_f64()))
+    Ok((closed, Timed::since(t0, &cpu, bytes)))
+}
+
+/// rclone's read rows: a fresh mount of the SDK's container with `--vfs-cache-mode
+/// full` (the mode that keeps what it reads; `writes` reads from the store every
+/// time) reads the checkpoint cold, then warm from its cache.
+fn run_rclone_read(
+    b: &BlobBench,
+    az: &azurite::Azurite,
+    src: &Path,
+    bytes: u64,
+) -> Result<(Timed, Timed)> {
+    let (m, mnt) = rclone_mount(b, az, "rclone-read", "sdk", "full")?;
+    read_twice(src, &mnt.join("ckpt"), m.pid(), bytes)
 }
 
 pub fn run(b: &BlobBench) -> Result<()> {
@@ -360,6 +443,9 @@ pub fn run(b: &BlobBench) -> Result<()> {
     for c in ["spool", "sdk", "rclone"] {
         az.az(c, &["create"]);
     }
+    // The SDK times itself (its Python start-up is not in its seconds, but is in its
+    // CPU).
+    let sdk_cpu = CpuSpan::start(vec![]);
     let sdk_s: f64 = az
         .az(
             "sdk",
@@ -368,50 +454,36 @@ pub fn run(b: &BlobBench) -> Result<()> {
         .trim()
         .parse()
         .context("azcheck upload-dir output")?;
+    let sdk_put = Timed {
+        secs: sdk_s,
+        cpu_s_per_gib: sdk_cpu.per_gib(total),
+    };
     verify(&az, "sdk", "ckpt/", &src)?;
-    let (cache_s, blob_s, st) = run_spool(b, &az, &src)?;
+    let (cache, in_blob, st) = run_spool(b, &az, &src, total)?;
     verify(&az, "spool", "ckpt/", &src)?;
-    let rate = |s: f64| format!("{:.2} GB/s", gb / s);
+    let row = |what: &str, t: Timed, peer: Timed| {
+        let note = match t.secs == peer.secs {
+            true => format!("{:.2} GB/s (the peer)", gb / t.secs),
+            false => format!(
+                "{:.2} GB/s; {:.2}x the SDK's time",
+                gb / t.secs,
+                t.secs / peer.secs
+            ),
+        };
+        Row::new(what, t.secs, "s", note).cpu_s_per_gib(t.cpu_s_per_gib)
+    };
     let mut rows = vec![
-        Row::new(
-            "Azure SDK (Python) direct upload",
-            sdk_s,
-            "s",
-            format!("{} (the peer)", rate(sdk_s)),
-        ),
-        Row::new(
-            "spool: durable in cache (fsync done)",
-            cache_s,
-            "s",
-            format!("{}; {:.2}x the SDK's time", rate(cache_s), cache_s / sdk_s),
-        ),
-        Row::new(
-            "spool: durable in blob",
-            blob_s,
-            "s",
-            format!("{}; {:.2}x the SDK's time", rate(blob_s), blob_s / sdk_s),
-        ),
+        row("Azure SDK (Python) direct upload", sdk_put, sdk_put),
+        row("spool: durable in cache (fsync done)", cache, sdk_put),
+        row("spool: durable in blob", in_blob, sdk_put),
     ];
     if !b.no_rclone {
-        let (rc_cache, rc_blob) = run_rclone(b, &az, &src)?;
+        let (closed, uploaded) = run_rclone(b, &az, &src, total)?;
         verify(&az, "rclone", "", &src)?;
-        rows.push(Row::new(
-            "rclone vfs writes: close returned",
-            rc_cache,
-            "s",
-            format!(
-                "{}; {:.2}x the SDK's time",
-                rate(rc_cache),
-                rc_cache / sdk_s
-            ),
-        ));
-        rows.push(Row::new(
-            "rclone vfs writes: in blob",
-            rc_blob,
-            "s",
-            format!("{}; {:.2}x the SDK's time", rate(rc_blob), rc_blob / sdk_s),
-        ));
+        rows.push(row("rclone vfs writes: close returned", closed, sdk_put));
+        rows.push(row("rclone vfs writes: in blob", uploaded, sdk_put));
     }
+    let sdk_cpu = CpuSpan::start(vec![]);
     let sdk_get_s: f64 = az
         .az(
             "sdk",
@@ -425,33 +497,21 @@ pub fn run(b: &BlobBench) -> Result<()> {
         .trim()
         .parse()
         .context("azcheck download-dir output")?;
-    let (cold_s, warm_s, gets) = run_spool_read(b, &az, &src)?;
-    rows.push(Row::new(
-        "Azure SDK (Python) direct download",
-        sdk_get_s,
-        "s",
-        format!("{} (the peer)", rate(sdk_get_s)),
-    ));
-    rows.push(Row::new(
-        "spool: cold read (cache-on-read from blob)",
-        cold_s,
-        "s",
-        format!(
-            "{}; {:.2}x the SDK's time; {gets} GETs",
-            rate(cold_s),
-            cold_s / sdk_get_s
-        ),
-    ));
-    rows.push(Row::new(
-        "spool: warm read (from the cache)",
-        warm_s,
-        "s",
-        format!(
-            "{}; {:.2}x the SDK's time",
-            rate(warm_s),
-            warm_s / sdk_get_s
-        ),
-    ));
+    let sdk_get = Timed {
+        secs: sdk_get_s,
+        cpu_s_per_gib: sdk_cpu.per_gib(total),
+    };
+    let (cold, warm, gets) = run_spool_read(b, &az, &src, total)?;
+    rows.push(row("Azure SDK (Python) direct download", sdk_get, sdk_get));
+    let mut cold_row = row("spool: cold read (cache-on-read from blob)", cold, sdk_get);
+    cold_row.note = format!("{}; {gets} GETs for the cold and warm reads", cold_row.note);
+    rows.push(cold_row);
+    rows.push(row("spool: warm read (from the cache)", warm, sdk_get));
+    if !b.no_rclone {
+        let (cold, warm) = run_rclone_read(b, &az, &src, total)?;
+        rows.push(row("rclone vfs full: cold read", cold, sdk_get));
+        rows.push(row("rclone vfs full: warm read (its cache)", warm, sdk_get));
+    }
     let up = st["bytes_uploaded"].as_u64().unwrap_or(0) as f64;
     let r = &st["requests"];
     let reqs: u64 = ["put", "put_block", "put_block_list", "delete"]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::bench::CpuSpan;
 use crate::bench_cluster::{self, Row};
 use spool_controlplane::config::size::ByteSize;
 
@@ -231,26 +232,36 @@ pub fn run(b: &CheckpointBench) -> Result<()> {
     let _ = std::fs::remove_dir_all(&local);
     std::fs::create_dir_all(&local)?;
     eprintln!("local filesystem: {what} ...");
+    let cpu_w = CpuSpan::start(vec![]);
     let w = max(&ranks(std::slice::from_ref(&local), nranks, shard, false)?);
+    let cpu_w = cpu_w.per_gib(total);
     let c = commit(&local, nranks, shard)?;
     let _ = std::process::Command::new("sh")
         .args(["-c", "sync; echo 3 > /proc/sys/vm/drop_caches"])
         .status();
+    let cpu_r = CpuSpan::start(vec![]);
     let r = max(&ranks(std::slice::from_ref(&local), nranks, shard, true)?);
+    let cpu_r = cpu_r.per_gib(total);
     let _ = std::fs::remove_dir_all(&local);
     let (local_w, local_r) = (gb(w), gb(r));
-    rows.push(Row::new(
-        "local fs: checkpoint write (slowest rank)",
-        w,
-        "s",
-        format!("{local_w:.2} GB/s; commit {:.1} ms", c * 1e3),
-    ));
-    rows.push(Row::new(
-        "local fs: read back (slowest rank)",
-        r,
-        "s",
-        format!("{local_r:.2} GB/s"),
-    ));
+    rows.push(
+        Row::new(
+            "local fs: checkpoint write (slowest rank)",
+            w,
+            "s",
+            format!("{local_w:.2} GB/s; commit {:.1} ms", c * 1e3),
+        )
+        .cpu_s_per_gib(cpu_w),
+    );
+    rows.push(
+        Row::new(
+            "local fs: read back (slowest rank)",
+            r,
+            "s",
+            format!("{local_r:.2} GB/s"),
+        )
+        .cpu_s_per_gib(cpu_r),
+    );
 
     eprintln!(
         "cluster: {} nodes, R = {}, every node mounting ...",
@@ -273,7 +284,9 @@ pub fn run(b: &CheckpointBench) -> Result<()> {
     }
     eprintln!("cluster: writing {what} through {n} mounts ...");
     let dirs: Vec<PathBuf> = (0..n).map(step).collect();
+    let cpu_w = CpuSpan::start(nodes.pids());
     let times = ranks(&dirs, nranks, shard, false)?;
+    let cpu_w = cpu_w.per_gib(total);
     let w = max(&times);
     let c = commit(&step(0), nranks, shard)?;
     // Another node waits for the commit.
@@ -287,18 +300,23 @@ pub fn run(b: &CheckpointBench) -> Result<()> {
     }
     let visible = t0.elapsed().as_secs_f64();
     eprintln!("cluster: reading it back through node {n}'s mount ...");
+    let cpu_r = CpuSpan::start(nodes.pids());
     let r = max(&ranks(&[step(n - 1)], nranks, shard, true)?);
+    let cpu_r = cpu_r.per_gib(total);
     let (w_gb, r_gb) = (gb(w), gb(r));
-    rows.push(Row::new(
-        "cluster: checkpoint write (slowest rank)",
-        w,
-        "s",
-        format!(
-            "{w_gb:.2} GB/s ({:.2}x local), R={}, ranks on {n} nodes' mounts",
-            w_gb / local_w,
-            b.replication
-        ),
-    ));
+    rows.push(
+        Row::new(
+            "cluster: checkpoint write (slowest rank)",
+            w,
+            "s",
+            format!(
+                "{w_gb:.2} GB/s ({:.2}x local), R={}, ranks on {n} nodes' mounts; CPU: ranks and every node",
+                w_gb / local_w,
+                b.replication
+            ),
+        )
+        .cpu_s_per_gib(cpu_w),
+    );
     rows.push(Row::new(
         "cluster: commit (.metadata rename)",
         c * 1e3,
@@ -311,15 +329,18 @@ pub fn run(b: &CheckpointBench) -> Result<()> {
         "ms",
         format!("node {n}, after the rename returned"),
     ));
-    rows.push(Row::new(
-        "cluster: read back on another node",
-        r,
-        "s",
-        format!(
-            "{r_gb:.2} GB/s ({:.2}x local), all ranks via node {n}",
-            r_gb / local_r
-        ),
-    ));
+    rows.push(
+        Row::new(
+            "cluster: read back on another node",
+            r,
+            "s",
+            format!(
+                "{r_gb:.2} GB/s ({:.2}x local), all ranks via node {n}",
+                r_gb / local_r
+            ),
+        )
+        .cpu_s_per_gib(cpu_r),
+    );
     drop(nodes);
     drop(lab);
 

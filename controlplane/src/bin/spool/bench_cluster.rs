@@ -24,6 +24,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use crate::bench::CpuSpan;
 use serde_json::{json, Value};
 use spool_controlplane::cluster::etcd::Etcd;
 use spool_controlplane::config::size::ByteSize;
@@ -82,7 +84,9 @@ pub(crate) struct Row {
     what: String,
     value: f64,
     unit: &'static str,
-    note: String,
+    /// CPU seconds per GiB moved, for rows that move data.
+    cpu_s_per_gib: Option<f64>,
+    pub(crate) note: String,
 }
 
 impl Row {
@@ -96,23 +100,53 @@ impl Row {
             what: what.into(),
             value,
             unit,
+            cpu_s_per_gib: None,
             note,
         }
+    }
+
+    /// The row's CPU cost: `cpu` measured over the `bytes` it moved.
+    pub(crate) fn cpu(self, cpu: &CpuSpan, bytes: u64) -> Row {
+        self.cpu_s_per_gib(cpu.per_gib(bytes))
+    }
+
+    pub(crate) fn cpu_s_per_gib(mut self, cpu_s_per_gib: f64) -> Row {
+        self.cpu_s_per_gib = Some(cpu_s_per_gib);
+        self
     }
 }
 
 /// Prints the table (and writes it as CSV when asked).
 pub(crate) fn print_rows(rows: &[Row], csv: Option<&std::path::Path>) -> Result<()> {
-    println!("{:<40} {:>10} {:<5} vs the limit", "what", "value", "");
+    let cpu = |r: &Row| r.cpu_s_per_gib.map_or(String::new(), |c| format!("{c:.2}"));
+    println!(
+        "{:<46} {:>10} {:<5} {:>9}  vs the limit",
+        "what", "value", "", "CPU s/GiB"
+    );
     for r in rows {
-        println!("{:<40} {:>10.1} {:<5} {}", r.what, r.value, r.unit, r.note);
+        println!(
+            "{:<46} {:>10.1} {:<5} {:>9}  {}",
+            r.what,
+            r.value,
+            r.unit,
+            cpu(r),
+            r.note
+        );
     }
     if let Some(p) = csv {
         let mut f =
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
-        writeln!(f, "what,value,unit,note")?;
+        writeln!(f, "what,value,unit,cpu_s_per_gib,note")?;
         for r in rows {
-            writeln!(f, "{:?},{},{},{:?}", r.what, r.value, r.unit, r.note)?;
+            writeln!(
+                f,
+                "{:?},{},{},{},{:?}",
+                r.what,
+                r.value,
+                r.unit,
+                cpu(r),
+                r.note
+            )?;
         }
     }
     Ok(())
@@ -226,6 +260,11 @@ impl Nodes<'_> {
             .context("starting spool serve in its namespace")?;
         self.children[i] = Some(child);
         Ok(())
+    }
+
+    /// The running nodes' process ids.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.children.iter().flatten().map(Child::id).collect()
     }
 
     fn kill(&mut self, i: usize) {
@@ -492,13 +531,14 @@ fn writer(
     Ok(bytes)
 }
 
-/// Writes `size` bytes with `writers` writers spread over the nodes; returns MB/s.
+/// Writes `size` bytes with `writers` writers spread over the nodes; returns MB/s and
+/// the bytes written.
 fn replicated_write(
     nodes: &Nodes<'_>,
     b: &ClusterBench,
     inode_base: u64,
     data: &[u8],
-) -> Result<f64> {
+) -> Result<(f64, u64)> {
     let t = nodes.table()?;
     let per_writer = (b.size.0 / b.writers as u64).div_ceil(CHUNK) as usize;
     let plans: Vec<(SocketAddr, Vec<ChunkId>)> = (0..b.writers)
@@ -523,10 +563,11 @@ fn replicated_write(
     });
     let secs = t0.elapsed().as_secs_f64();
     let total: u64 = bytes?.iter().sum();
-    Ok(total as f64 / secs / 1e6)
+    Ok((total as f64 / secs / 1e6, total))
 }
 
-fn iperf3(net: &netns::Net) -> Result<f64> {
+/// iperf3 from node 1 to node 2: MB/s, and the CPU seconds per GiB of both ends.
+fn iperf3(net: &netns::Net) -> Result<(f64, f64)> {
     let mut server = net
         .command(1, "iperf3")
         .args(["-s", "-1", "-p", "5201"])
@@ -535,6 +576,7 @@ fn iperf3(net: &netns::Net) -> Result<f64> {
         .spawn()
         .context("iperf3 (apt-get install iperf3)")?;
     std::thread::sleep(Duration::from_millis(300));
+    let cpu = CpuSpan::start(vec![server.id()]);
     let out = net
         .command(0, "iperf3")
         .args([
@@ -547,13 +589,18 @@ fn iperf3(net: &netns::Net) -> Result<f64> {
             "-J",
         ])
         .output()?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    let bytes = v["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .context("iperf3 bytes")?;
+    // Read before the server exits (`-1`: after its one test) and its CPU leaves view.
+    let cpu_per_gib = cpu.per_gib(bytes.max(1));
     let _ = server.kill();
     let _ = server.wait();
-    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 bits_per_second")?;
-    Ok(bps / 8.0 / 1e6)
+    Ok((bps / 8.0 / 1e6, cpu_per_gib))
 }
 
 /// SIGKILL a chain head while a client writes to one of its chunks through another
@@ -624,8 +671,8 @@ fn write_to_chains_of(
 }
 
 /// With the victim down, writes `bytes` to its chains, restarts it and times the
-/// resync; returns (MB/s, bytes sent).
-fn resync(nodes: &mut Nodes<'_>, bytes: u64, data: &[u8]) -> Result<(f64, u64, f64)> {
+/// resync; returns (MB/s, bytes sent, seconds, CPU seconds per GiB sent by every node).
+fn resync(nodes: &mut Nodes<'_>, bytes: u64, data: &[u8]) -> Result<(f64, u64, f64, f64)> {
     let victim = nodes.children.len() - 1;
     // Chunks whose chain includes the victim (now offline there).
     write_to_chains_of(nodes, victim, 9_100_000, bytes, data)?;
@@ -633,14 +680,15 @@ fn resync(nodes: &mut Nodes<'_>, bytes: u64, data: &[u8]) -> Result<(f64, u64, f
         .map(|i| nodes.counter(i, "sync_bytes_sent"))
         .sum();
     nodes.spawn(victim)?;
-    let t0 = Instant::now();
+    let (t0, cpu) = (Instant::now(), CpuSpan::start(nodes.pids()));
     nodes.wait_serving(Duration::from_secs(300))?;
     let secs = t0.elapsed().as_secs_f64();
     let sent: u64 = (0..victim)
         .map(|i| nodes.counter(i, "sync_bytes_sent"))
         .sum::<u64>()
         - before;
-    Ok((sent as f64 / secs / 1e6, sent, secs))
+    let cpu_per_gib = cpu.per_gib(sent.max(1));
+    Ok((sent as f64 / secs / 1e6, sent, secs, cpu_per_gib))
 }
 
 /// `node_lost_after_s` of the restore measurement: a lost node's chains are refilled
@@ -694,45 +742,42 @@ pub fn run(b: &ClusterBench) -> Result<()> {
     let mut rows = Vec::new();
 
     eprintln!("iperf3 between two namespaces over the veth bridge ...");
-    let net_mbs = iperf3(&net)?;
-    rows.push(Row {
-        what: "iperf3 node1 -> node2 (veth)".into(),
-        value: net_mbs,
-        unit: "MB/s",
-        note: String::new(),
-    });
+    let (net_mbs, net_cpu) = iperf3(&net)?;
+    let iperf3_what = "iperf3 node1 -> node2 (veth)";
+    rows.push(Row::new(iperf3_what, net_mbs, "MB/s", String::new()).cpu_s_per_gib(net_cpu));
     eprintln!("fio sequential write on {} ...", b.dir.display());
     let fio_file = b.dir.join("fio.img");
     crate::bench::prepare_file(&fio_file, b.size.0)?;
+    let cpu = CpuSpan::start(vec![]);
     let f = crate::bench::fio(&fio_file, "write", b.size.0, 1 << 20, 16, false)?;
     let _ = std::fs::remove_file(&fio_file);
     let dev_mbs = f.bytes as f64 / f.secs / 1e6;
-    rows.push(Row {
-        what: "fio seq write 1MiB qd16 (device)".into(),
-        value: dev_mbs,
-        unit: "MB/s",
-        note: String::new(),
-    });
+    rows.push(
+        Row::new(
+            "fio seq write 1MiB qd16 (device)",
+            dev_mbs,
+            "MB/s",
+            String::new(),
+        )
+        .cpu(&cpu, f.bytes),
+    );
 
     for &r in &b.replication {
         eprintln!("R = {r}: starting {} nodes ...", b.nodes);
         let nodes = start_nodes(b, &net, &etcd.url(), &rt, r, &format!("r{r}"), false, None)?;
         eprintln!("R = {r}: writing {} ...", b.size);
-        let mbs = replicated_write(&nodes, b, 1_000_000 * u64::from(r), &data)?;
+        let cpu = CpuSpan::start(nodes.pids());
+        let (mbs, bytes) = replicated_write(&nodes, b, 1_000_000 * u64::from(r), &data)?;
         // Every replica lands on this one machine's disk, so the device share of one
         // copy is fio / R; the network carries R - 1 copies per byte over the veths.
         let limit = net_mbs.min(dev_mbs / f64::from(r));
-        rows.push(Row {
-            what: format!("replicated write R={r}"),
-            value: mbs,
-            unit: "MB/s",
-            note: format!(
-                "{:.2}x min(iperf3, fio/R = {:.0}); {:.2}x min(iperf3, fio)",
-                mbs / limit,
-                dev_mbs / f64::from(r),
-                mbs / net_mbs.min(dev_mbs)
-            ),
-        });
+        let note = format!(
+            "{:.2}x min(iperf3, fio/R = {:.0}); {:.2}x min(iperf3, fio); CPU: every node and the writers",
+            mbs / limit,
+            dev_mbs / f64::from(r),
+            mbs / net_mbs.min(dev_mbs)
+        );
+        rows.push(Row::new(format!("replicated write R={r}"), mbs, "MB/s", note).cpu(&cpu, bytes));
         drop(nodes);
     }
 
@@ -740,23 +785,19 @@ pub fn run(b: &ClusterBench) -> Result<()> {
         eprintln!("failover: R = 2, lease_ttl_s 3 (the default) ...");
         let mut nodes = start_nodes(b, &net, &etcd.url(), &rt, 2, "failover", false, None)?;
         let secs = failover(&mut nodes, &data)?;
-        rows.push(Row {
-            what: "kill -9 chain head -> writes succeed".into(),
-            value: secs,
-            unit: "s",
-            note: "default settings (lease_ttl_s = 3)".into(),
-        });
+        rows.push(Row::new(
+            "kill -9 chain head -> writes succeed",
+            secs,
+            "s",
+            "default settings (lease_ttl_s = 3)".into(),
+        ));
         eprintln!("resync: writing while the node is down, then restarting it ...");
-        let (mbs, sent, secs) = resync(&mut nodes, (b.size.0 / 2).max(CHUNK), &data)?;
-        rows.push(Row {
-            what: "resync of the returning node".into(),
-            value: mbs,
-            unit: "MB/s",
-            note: format!(
-                "{:.0} MiB sent, restart -> all serving in {secs:.1} s",
-                sent as f64 / (1 << 20) as f64
-            ),
-        });
+        let (mbs, sent, secs, cpu) = resync(&mut nodes, (b.size.0 / 2).max(CHUNK), &data)?;
+        let note = format!(
+            "{:.0} MiB sent, restart -> all serving in {secs:.1} s",
+            sent as f64 / (1 << 20) as f64
+        );
+        rows.push(Row::new("resync of the returning node", mbs, "MB/s", note).cpu_s_per_gib(cpu));
     }
     if !b.no_failover {
         eprintln!(
@@ -773,15 +814,15 @@ pub fn run(b: &ClusterBench) -> Result<()> {
             Some(RESTORE_LOST_AFTER_S),
         )?;
         let (secs, sent) = restore(&mut nodes, (b.size.0 / 2).max(CHUNK), &data)?;
-        rows.push(Row {
-            what: "restore after a node loss (R = 2)".into(),
-            value: secs,
-            unit: "s",
-            note: format!(
+        rows.push(Row::new(
+            "restore after a node loss (R = 2)",
+            secs,
+            "s",
+            format!(
                 "kill -9 -> every chain at R again, including the lease (3 s) and node_lost_after_s ({RESTORE_LOST_AFTER_S} s) before the refill starts; {:.0} MiB re-replicated",
                 sent as f64 / (1 << 20) as f64,
             ),
-        });
+        ));
     }
     if !b.no_fuse {
         eprintln!("FUSE over the cluster namespace: R = 2, every node mounts ...");
@@ -854,13 +895,14 @@ fn fuse_read(path: &std::path::Path, bytes: u64, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Runs `f` on `files` in parallel threads: aggregate MB/s for `bytes` in total.
+/// Runs `f` on `files` in parallel threads: aggregate MB/s for `bytes` in total, and
+/// the bytes moved.
 fn parallel(
     files: &[PathBuf],
     bytes: u64,
     data: &[u8],
     f: fn(&std::path::Path, u64, &[u8]) -> Result<()>,
-) -> Result<f64> {
+) -> Result<(f64, u64)> {
     let each = bytes / files.len() as u64;
     let t0 = Instant::now();
     std::thread::scope(|s| {
@@ -872,7 +914,8 @@ fn parallel(
             .map(|h| h.join().unwrap_or_else(|_| bail!("a worker panicked")))
             .collect::<Result<Vec<()>>>()
     })?;
-    Ok((each * files.len() as u64) as f64 / t0.elapsed().as_secs_f64() / 1e6)
+    let moved = each * files.len() as u64;
+    Ok((moved as f64 / t0.elapsed().as_secs_f64() / 1e6, moved))
 }
 
 /// Files written through the owner's mount and through a follower's (one per writer),
@@ -912,25 +955,21 @@ fn fuse_rows(
                 .map(|f| nodes.mountpoint(node).join(f))
                 .collect()
         };
-        let w = parallel(&at(i), bytes, data, fuse_write)?;
-        rows.push(Row {
-            what: format!("FUSE write via node {} ({who})", i + 1),
-            value: w,
-            unit: "MB/s",
-            note: format!(
-                "R=2, {writers} writers x {} MiB, {} MiB writes, fsync, {}",
-                (bytes / writers as u64) >> 20,
-                data.len() >> 20,
-                cache
-            ),
-        });
-        let r = parallel(&at(reader), bytes, data, fuse_read)?;
-        rows.push(Row {
-            what: format!("FUSE read of it via node {}", reader + 1),
-            value: r,
-            unit: "MB/s",
-            note: "a follower's mount, checked byte for byte".into(),
-        });
+        let cpu = CpuSpan::start(nodes.pids());
+        let (w, moved) = parallel(&at(i), bytes, data, fuse_write)?;
+        let note = format!(
+            "R=2, {writers} writers x {} MiB, {} MiB writes, fsync, {}",
+            (bytes / writers as u64) >> 20,
+            data.len() >> 20,
+            cache
+        );
+        let what = format!("FUSE write via node {} ({who})", i + 1);
+        rows.push(Row::new(what, w, "MB/s", note).cpu(&cpu, moved));
+        let cpu = CpuSpan::start(nodes.pids());
+        let (r, moved) = parallel(&at(reader), bytes, data, fuse_read)?;
+        let what = format!("FUSE read of it via node {}", reader + 1);
+        let note = "a follower's mount, checked byte for byte".into();
+        rows.push(Row::new(what, r, "MB/s", note).cpu(&cpu, moved));
     }
     Ok(rows)
 }

@@ -205,15 +205,16 @@ enum BenchCmd {
     /// A checkpoint through a mount with a [blob] store vs a direct upload with the
     /// Azure SDK and vs `rclone mount --vfs-cache-mode writes`, on one Azurite: time
     /// until durable in the cache and in blob, requests and bytes sent per byte
-    /// written; then read back cold (cache-on-read) and warm vs an SDK download.
+    /// written; then read back cold (cache-on-read) and warm vs an SDK download and
+    /// `rclone mount --vfs-cache-mode full`; CPU seconds per GiB on every path.
     Blob(bench_blob::BlobBench),
     /// One link streaming one way through Spool's tcp transport and through rdma on a
     /// named device (--rdma-device), vs iperf3 on the same address; GB/s and CPU
     /// seconds per GiB.
     Transport(bench_transport::TransportBench),
     /// Every scenario above in one run, then one table of every row with its ratio to
-    /// its limit or peer, CPU seconds per GiB where measured, the CPU time and the
-    /// machine, as CSV and a plot (PNG).
+    /// its limit or peer, CPU seconds per GiB on every row that moves data, the CPU
+    /// time and the machine, as CSV and a plot (PNG; every ratio as a speed).
     All(bench_all::AllBench),
     /// One rank of `spool bench checkpoint` (run by it).
     #[command(hide = true)]
