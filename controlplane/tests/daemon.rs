@@ -1,6 +1,6 @@
 //! The `spool` binary as a real process: it starts on a file-backed device, serves the
-//! admin socket with mode 0600, reports counters, stops on SIGTERM, and refuses a bad
-//! config with a message naming the key.
+//! admin socket with mode 0600, reports counters, stops on SIGTERM, refuses a bad
+//! config with a message naming the key, and allocates its device file up front.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -197,6 +197,74 @@ fn format_refuses_an_occupied_device_without_force() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is spool serve running"));
+}
+
+/// A file-backed device gets its blocks when it is created: a device file its
+/// filesystem cannot hold is refused at start, naming the key and the free space,
+/// instead of failing writes mid-checkpoint; one that fits is allocated, not sparse.
+#[test]
+fn a_device_file_is_allocated_up_front_and_refused_when_it_does_not_fit() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=32m",
+            "spool-test",
+            small.to_str().unwrap(),
+        ])
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mounting a 32 MiB tmpfs");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _u = Unmount(&small);
+
+    let cfg = write_config(&small, "");
+    let out = Command::new(SPOOL)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in ["device.size", "bytes free", "No space left"] {
+        assert!(err.contains(want), "no {want:?} in: {err}");
+    }
+    assert!(
+        !small.join("dev.img").exists(),
+        "a device file that could not be allocated is not left behind"
+    );
+
+    let img = small.join("fits.img");
+    let out = spool(&[
+        "format",
+        img.to_str().unwrap(),
+        "--size",
+        "16MiB",
+        "--chunk-size",
+        "1MiB",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = std::fs::metadata(&img).unwrap();
+    assert_eq!(m.len(), 16 << 20);
+    assert!(
+        m.blocks() * 512 >= 16 << 20,
+        "allocated, not sparse: {} blocks",
+        m.blocks()
+    );
 }
 
 /// Run by `a_panic_on_any_thread_aborts_the_daemon` in a child process: the daemon's

@@ -90,10 +90,16 @@ pub fn open_nvme(
         .with_context(|| format!("opening NVMe controller {address} (spool nvme list shows it)"))
 }
 
+/// Creates (or grows) a file-backed device of `size` bytes, with its blocks allocated
+/// now: a sparse file would let the filesystem run out under the store later, and a
+/// write the store had room for would fail mid-checkpoint. A file system without
+/// fallocate keeps the file sparse, with a warning.
 fn create_file(path: &Path, size: u64) -> Result<()> {
+    use std::os::fd::AsFd as _;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let existed = path.exists();
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -104,7 +110,34 @@ fn create_file(path: &Path, size: u64) -> Result<()> {
         f.set_len(size)
             .with_context(|| format!("sizing {} to {size} bytes", path.display()))?;
     }
-    Ok(())
+    let len = i64::try_from(size).context("device size above 2^63 bytes")?;
+    match spool_ffi::posix::fallocate(f.as_fd(), 0, 0, len) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            tracing::warn!(path = %path.display(), "the filesystem cannot preallocate; the device file stays sparse and may run out of space under the store");
+            Ok(())
+        }
+        Err(e) => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let free = std::fs::canonicalize(dir.unwrap_or(Path::new(".")))
+                .ok()
+                .and_then(|d| std::ffi::CString::new(d.into_os_string().into_encoded_bytes()).ok())
+                .and_then(|d| spool_ffi::posix::statvfs(&d).ok())
+                .map(|v| v.f_bavail * v.f_frsize);
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            Err(e).with_context(|| {
+                format!(
+                    "allocating {size} bytes for the device file {} (device.size){}",
+                    path.display(),
+                    free.map_or(String::new(), |b| format!(
+                        "; its filesystem has {b} bytes free"
+                    ))
+                )
+            })
+        }
+    }
 }
 
 /// The running node, as the admin socket sees it.
