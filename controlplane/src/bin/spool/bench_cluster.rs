@@ -377,6 +377,10 @@ impl Drop for Nodes<'_> {
                     .stderr(Stdio::null())
                     .status();
             }
+            // Device files are allocated whole: a run starts several clusters, and
+            // keeping each one's would take its size times nodes times clusters.
+            // The logs stay.
+            let _ = std::fs::remove_file(self.dir.join(format!("n{}", i + 1)).join("device.img"));
         }
     }
 }
