@@ -178,6 +178,12 @@ impl Namespace {
         if !clean {
             return read_at(&self.io, ino, size, off, len, None, f);
         }
+        // A read that enters a chunk keeps the prefetch window ahead of it: without
+        // this, a sequential reader would find the prefetched chunks, start no more
+        // fetches, and wait for a whole fetch at the end of every window.
+        if off % self.chunk_size == 0 && off < size {
+            self.blob_prefetch(ino, (off / self.chunk_size) as u32, size);
+        }
         let fill = |index: u32| self.blob_fill_ahead(ino, index, size);
         read_at(&self.io, ino, size, off, len, Some(&fill), f)
     }

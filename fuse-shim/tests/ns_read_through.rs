@@ -23,6 +23,8 @@ struct FakeStore {
     /// Fetches fail while set (an outage).
     down: std::sync::atomic::AtomicBool,
     ttl_ms: u64,
+    /// Chunks fetched ahead of a sequential reader.
+    prefetch: u32,
 }
 
 impl FakeStore {
@@ -81,7 +83,7 @@ impl BlobReader for FakeStore {
         Duration::from_millis(self.ttl_ms)
     }
     fn prefetch_chunks(&self) -> u32 {
-        0
+        self.prefetch
     }
     fn spawn(&self, f: Box<dyn FnOnce() + Send>) {
         std::thread::spawn(f);
@@ -285,6 +287,51 @@ fn eviction_drops_clean_chunks_least_recently_read_first_and_never_dirty_ones() 
     assert_eq!(ns.blob_evict(u64::MAX).unwrap(), 4 * C as u64);
     store.down.store(true, Ordering::Relaxed);
     assert!(read_all(&ns, w) == wd);
+    drop(ns);
+    shutdown(engine);
+}
+
+/// Waits (bounded) until the store has served `n` GETs.
+fn wait_gets(store: &FakeStore, n: usize) {
+    let t0 = std::time::Instant::now();
+    while store.gets.load(Ordering::Relaxed) < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{} GETs, waiting for {n}",
+            store.gets.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A sequential reader keeps its prefetch window ahead: entering a chunk that was
+/// prefetched fetches the next one, so the reader does not stall on a whole fetch at
+/// the end of every window. Still one GET per chunk.
+#[test]
+fn a_sequential_reader_keeps_the_prefetch_window_ahead() {
+    let engine = engine_on(fresh_device());
+    let ns = Arc::new(open_ns(&engine).unwrap());
+    let store = Arc::new(FakeStore {
+        ttl_ms: 60_000,
+        prefetch: 2,
+        ..FakeStore::default()
+    });
+    ns.blob_read_from(Arc::clone(&store) as Arc<dyn BlobReader>);
+    let blob = data(11, 6 * C);
+    store.put("seq.bin", blob.clone());
+    let ino = lookup_path(&ns, &["seq.bin"]).unwrap();
+    // A miss in chunk 0: fetched, and chunks 1 and 2 ahead.
+    assert_eq!(ns.read(ino, 0, 4096, |d| d.to_vec()).unwrap(), blob[..4096]);
+    wait_gets(&store, 3);
+    // Let the two prefetches land (5 ms of GET, then the writes); were chunk 1 still
+    // in flight, the read below would wait for it and prefetch as a miss does.
+    std::thread::sleep(Duration::from_millis(300));
+    // Chunk 1 is a hit; entering it moves the window to chunk 3.
+    let c1 = ns.read(ino, C as u64, 4096, |d| d.to_vec()).unwrap();
+    assert_eq!(c1, blob[C..C + 4096]);
+    wait_gets(&store, 4);
+    assert!(read_all(&ns, ino) == blob);
+    assert_eq!(store.gets.load(Ordering::Relaxed), 6, "one GET per chunk");
     drop(ns);
     shutdown(engine);
 }

@@ -25,7 +25,7 @@ use spool_controlplane::config::size::ByteSize;
 use crate::bench::CpuSpan;
 use crate::bench_cluster::{print_rows, Row};
 
-/// Bytes per write(2) of the checkpoint writers.
+/// Bytes per write(2) of the checkpoint writers and per read(2) of its readers.
 const WRITE_BYTES: usize = 8 << 20;
 
 #[derive(Debug, clap::Args)]
@@ -282,6 +282,19 @@ fn run_spool(
     Ok((cache, Timed::since(t0, &cpu, bytes), last))
 }
 
+/// Reads a whole file `WRITE_BYTES` at a time, as a loader reads tensors (one read(2)
+/// of the whole file is split by FUSE differently from how applications read).
+fn read_file(p: &Path) -> Result<Vec<u8>> {
+    let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let len = usize::try_from(f.metadata()?.len())?;
+    let mut data = vec![0u8; len];
+    for piece in data.chunks_mut(WRITE_BYTES) {
+        f.read_exact(piece)
+            .with_context(|| format!("reading {}", p.display()))?;
+    }
+    Ok(data)
+}
+
 /// Reads every file of `src`'s names under `dir`, one reader thread each, and checks
 /// them against `src`; returns the seconds the reads took.
 fn read_checkpoint(src: &Path, dir: &Path) -> Result<f64> {
@@ -293,9 +306,7 @@ fn read_checkpoint(src: &Path, dir: &Path) -> Result<f64> {
         .iter()
         .map(|n| {
             let p = dir.join(n);
-            std::thread::spawn(move || {
-                std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
-            })
+            std::thread::spawn(move || read_file(&p))
         })
         .collect();
     let mut got = Vec::new();
