@@ -368,8 +368,9 @@ pub fn run(b: &DeviceBench) -> Result<()> {
         }
         if !b.no_fio {
             let path = target.fio_path()?;
-            rows.push(fio(&path, "write", total, bs, qd, huge)?);
-            rows.push(fio(&path, "read", total, bs, qd, huge)?);
+            rows.push(fio(&path, "write", total, bs, qd, huge, false)?);
+            rows.push(fio(&path, "read", total, bs, qd, huge, false)?);
+            rows.push(fio(&path, "write", total, bs, qd, huge, true)?);
         }
         eprintln!("bench: round {} of {} done", round + 1, b.repeat);
     }
@@ -520,8 +521,15 @@ pub(crate) fn fio(
     bs: u64,
     qd: usize,
     huge: bool,
+    dsync: bool,
 ) -> Result<Row> {
-    let out = Command::new("fio")
+    let mut cmd = Command::new("fio");
+    if dsync {
+        // Every write durable when it completes, as the store's data and WAL writes
+        // are (RWF_DSYNC): the like-for-like baseline for durable writes.
+        cmd.arg("--sync=dsync");
+    }
+    let out = cmd
         .args([
             "--name=spool-bench",
             "--ioengine=io_uring",
@@ -559,7 +567,7 @@ pub(crate) fn fio(
         * runtime_ms
         / 1000.0;
     Ok(Row {
-        what: format!("fio {rw}"),
+        what: format!("fio {rw}{}", if dsync { " dsync" } else { "" }),
         bytes,
         secs: runtime_ms / 1000.0,
         cpu_secs: Some(cpu),
@@ -619,7 +627,7 @@ fn print_table(rows: &[Row], b: &DeviceBench) -> Result<()> {
     let sums = summarize(rows);
     let gbps_of = |what: &str| sums.iter().find(|r| r.what == what).map(|r| r.gbps);
     println!(
-        "{:<12} {:>10} {:>9} {:>15} {:>13} {:>9}",
+        "{:<16} {:>10} {:>9} {:>15} {:>13} {:>9}",
         "scenario", "bytes", "GB/s", "min-max", "cpu_s_per_GiB", "vs_fio"
     );
     let mut csv = String::from("scenario,bytes,median_gb_per_s,min_gb_per_s,max_gb_per_s,cpu_s_per_gib,ratio_vs_fio,rounds,block_size,queue_depth,cores,host\n");
@@ -632,7 +640,7 @@ fn print_table(rows: &[Row], b: &DeviceBench) -> Result<()> {
         };
         let ratio = peer.map(|p| r.gbps / p);
         println!(
-            "{:<12} {:>10} {:>9.3} {:>15} {:>13} {:>9}",
+            "{:<16} {:>10} {:>9.3} {:>15} {:>13} {:>9}",
             r.what,
             human(r.bytes),
             r.gbps,
@@ -655,6 +663,14 @@ fn print_table(rows: &[Row], b: &DeviceBench) -> Result<()> {
             b.cores,
             host
         ));
+    }
+    if let (Some(spool), Some(dsync)) = (gbps_of("spool write"), gbps_of("fio write dsync")) {
+        // The target is against plain fio; this says how much of the gap is the
+        // durability the store gives every write and plain fio does not.
+        println!(
+            "spool write vs fio write dsync (both durable per write): {:.2}x",
+            spool / dsync
+        );
     }
     if let Some(p) = &b.csv {
         std::fs::write(p, csv).with_context(|| format!("writing {}", p.display()))?;

@@ -753,7 +753,7 @@ pub fn run(b: &ClusterBench) -> Result<()> {
     let fio_file = b.dir.join("fio.img");
     crate::bench::prepare_file(&fio_file, b.size.0)?;
     let cpu = CpuSpan::start(vec![]);
-    let f = crate::bench::fio(&fio_file, "write", b.size.0, 1 << 20, 16, false)?;
+    let f = crate::bench::fio(&fio_file, "write", b.size.0, 1 << 20, 16, false, false)?;
     let _ = std::fs::remove_file(&fio_file);
     let dev_mbs = f.bytes as f64 / f.secs / 1e6;
     rows.push(

@@ -185,7 +185,8 @@ enum ConfigCmd {
 #[derive(Debug, Subcommand)]
 enum BenchCmd {
     /// Sequential write and read through the dataplane vs fio on the same file, or on
-    /// the same NVMe controller (--nvme: Spool's NVMe driver vs the kernel's).
+    /// the same NVMe controller (--nvme: Spool's NVMe driver vs the kernel's); also
+    /// fio with every write durable (--sync=dsync), as the store's are.
     Device(bench::DeviceBench),
     /// N writers with 1 MiB writes + fsync through the FUSE mount vs straight to the
     /// dataplane vs the local filesystem, then reads.
