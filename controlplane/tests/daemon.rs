@@ -25,6 +25,21 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
     cfg
 }
 
+/// `spool serve --config CFG`, which must fail: its stderr.
+fn serve_fails(cfg: &Path) -> String {
+    let out = Command::new(SPOOL)
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "spool serve started with {}",
+        cfg.display()
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 struct Daemon(Child);
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -156,23 +171,16 @@ fn bad_config_is_refused_with_the_key_named() {
         ("[hugepages]\nbuffers = 0\n", "hugepages.buffers"),
         ("[log]\nlevell = \"x\"\n", "levell"),
     ] {
-        let cfg = write_config(dir.path(), extra);
-        let out = Command::new(SPOOL)
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = serve_fails(&write_config(dir.path(), extra));
         assert!(err.contains(key), "error for {key} must name it: {err}");
     }
-    let cfg = write_config(dir.path(), "[dataplane]\ncores = 0\n");
-    let out = Command::new(SPOOL)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    // A value out of range in a table the base config has (a second [dataplane]
+    // table would be refused as a duplicate, not for the value).
+    let cfg = write_config(dir.path(), "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("cores = 1\n", "cores = 0\n")).unwrap();
+    let err = serve_fails(&cfg);
+    assert!(err.contains("dataplane.cores"), "{err}");
 }
 
 #[test]
@@ -228,14 +236,7 @@ fn a_device_file_is_allocated_up_front_and_refused_when_it_does_not_fit() {
     }
     let _u = Unmount(&small);
 
-    let cfg = write_config(&small, "");
-    let out = Command::new(SPOOL)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_fails(&write_config(&small, ""));
     for want in ["device.size", "bytes free", "No space left"] {
         assert!(err.contains(want), "no {want:?} in: {err}");
     }
