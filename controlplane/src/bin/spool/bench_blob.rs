@@ -456,72 +456,59 @@ pub fn run(b: &BlobBench) -> Result<()> {
     }
     // The SDK times itself (its Python start-up is not in its seconds, but is in its
     // CPU).
-    let sdk_cpu = CpuSpan::start(vec![]);
-    let sdk_s: f64 = az
-        .az(
-            "sdk",
-            &["upload-dir", &src.display().to_string(), "ckpt/", "4"],
-        )
-        .trim()
-        .parse()
-        .context("azcheck upload-dir output")?;
-    let sdk_put = Timed {
-        secs: sdk_s,
-        cpu_s_per_gib: sdk_cpu.per_gib(total),
+    let sdk = |args: &[&str]| -> Result<Timed> {
+        let cpu = CpuSpan::start(vec![]);
+        let secs: f64 = az
+            .az("sdk", args)
+            .trim()
+            .parse()
+            .with_context(|| format!("azcheck {} output", args[0]))?;
+        Ok(Timed {
+            secs,
+            cpu_s_per_gib: cpu.per_gib(total),
+        })
     };
+    let sdk_put = sdk(&["upload-dir", &src.display().to_string(), "ckpt/", "4"])?;
     verify(&az, "sdk", "ckpt/", &src)?;
     let (cache, in_blob, st) = run_spool(b, &az, &src, total)?;
     verify(&az, "spool", "ckpt/", &src)?;
-    let row = |what: &str, t: Timed, peer: Timed| {
-        let note = match t.secs == peer.secs {
-            true => format!("{:.2} GB/s (the peer)", gb / t.secs),
-            false => format!(
+    // A row against `peer`, or the peer's own row.
+    let row = |what: &str, t: Timed, peer: Option<Timed>| {
+        let note = match peer {
+            None => format!("{:.2} GB/s (the peer)", gb / t.secs),
+            Some(p) => format!(
                 "{:.2} GB/s; {:.2}x the SDK's time",
                 gb / t.secs,
-                t.secs / peer.secs
+                t.secs / p.secs
             ),
         };
         Row::new(what, t.secs, "s", note).cpu_s_per_gib(t.cpu_s_per_gib)
     };
+    let put = Some(sdk_put);
     let mut rows = vec![
-        row("Azure SDK (Python) direct upload", sdk_put, sdk_put),
-        row("spool: durable in cache (fsync done)", cache, sdk_put),
-        row("spool: durable in blob", in_blob, sdk_put),
+        row("Azure SDK (Python) direct upload", sdk_put, None),
+        row("spool: durable in cache (fsync done)", cache, put),
+        row("spool: durable in blob", in_blob, put),
     ];
     if !b.no_rclone {
         let (closed, uploaded) = run_rclone(b, &az, &src, total)?;
         verify(&az, "rclone", "", &src)?;
-        rows.push(row("rclone vfs writes: close returned", closed, sdk_put));
-        rows.push(row("rclone vfs writes: in blob", uploaded, sdk_put));
+        rows.push(row("rclone vfs writes: close returned", closed, put));
+        rows.push(row("rclone vfs writes: in blob", uploaded, put));
     }
-    let sdk_cpu = CpuSpan::start(vec![]);
-    let sdk_get_s: f64 = az
-        .az(
-            "sdk",
-            &[
-                "download-dir",
-                "ckpt/",
-                &b.dir.join("sdk-get").display().to_string(),
-                "4",
-            ],
-        )
-        .trim()
-        .parse()
-        .context("azcheck download-dir output")?;
-    let sdk_get = Timed {
-        secs: sdk_get_s,
-        cpu_s_per_gib: sdk_cpu.per_gib(total),
-    };
+    let get_dir = b.dir.join("sdk-get").display().to_string();
+    let sdk_get = sdk(&["download-dir", "ckpt/", &get_dir, "4"])?;
+    let get = Some(sdk_get);
     let (cold, warm, gets) = run_spool_read(b, &az, &src, total)?;
-    rows.push(row("Azure SDK (Python) direct download", sdk_get, sdk_get));
-    let mut cold_row = row("spool: cold read (cache-on-read from blob)", cold, sdk_get);
+    rows.push(row("Azure SDK (Python) direct download", sdk_get, None));
+    let mut cold_row = row("spool: cold read (cache-on-read from blob)", cold, get);
     cold_row.note = format!("{}; {gets} GETs for the cold and warm reads", cold_row.note);
     rows.push(cold_row);
-    rows.push(row("spool: warm read (from the cache)", warm, sdk_get));
+    rows.push(row("spool: warm read (from the cache)", warm, get));
     if !b.no_rclone {
         let (cold, warm) = run_rclone_read(b, &az, &src, total)?;
-        rows.push(row("rclone vfs full: cold read", cold, sdk_get));
-        rows.push(row("rclone vfs full: warm read (its cache)", warm, sdk_get));
+        rows.push(row("rclone vfs full: cold read", cold, get));
+        rows.push(row("rclone vfs full: warm read (its cache)", warm, get));
     }
     let up = st["bytes_uploaded"].as_u64().unwrap_or(0) as f64;
     let r = &st["requests"];
